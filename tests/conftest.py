@@ -1,0 +1,50 @@
+"""Shared fixtures.
+
+Real data lives in ../shared/data/coco_tiny160 (relative to the repository
+root); it is converted once per test session into a temporary directory.
+"""
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+COCO_TINY = (REPO_ROOT / ".." / "shared" / "data" / "coco_tiny160").resolve()
+
+# Keep TensorFlow quiet and single-process friendly in tests.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def coco_tiny_root():
+  """Path to coco_tiny160 (80 train + 80 val real COCO images)."""
+  if not COCO_TINY.is_dir():
+    pytest.skip(f"real test data not found at {COCO_TINY}")
+  return COCO_TINY
+
+
+def _convert(root, split, out_dir, num_shards):
+  from official_shapemask.dataloaders import coco_tfrecord
+  prefix = str(out_dir / split)
+  coco_tfrecord.convert_coco_to_tfrecords(
+      image_dir=str(root / f"{split}2017"),
+      object_annotations_file=str(
+          root / "annotations" / f"instances_{split}2017.json"),
+      output_file_prefix=prefix,
+      num_shards=num_shards,
+      num_workers=1,
+      show_progress=False)
+  return prefix + "-*"
+
+
+@pytest.fixture(scope="session")
+def tiny_val_records(coco_tiny_root, tmp_path_factory):
+  """File pattern of coco_tiny160 val2017 converted to 4 TFRecord shards."""
+  return _convert(coco_tiny_root, "val", tmp_path_factory.mktemp("val_rec"), 4)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_records(coco_tiny_root, tmp_path_factory):
+  """File pattern of coco_tiny160 train2017 converted to 4 TFRecord shards."""
+  return _convert(coco_tiny_root, "train", tmp_path_factory.mktemp("train_rec"),
+                  4)
