@@ -1,0 +1,114 @@
+"""Pastes box-relative instance masks into full-size image masks.
+
+The mask branch predicts each instance as an `m x m` probability map in the
+frame of its **outer** box (the 1.25x enlarged detection box), reference
+§9.6. To score it with COCO it has to become a binary mask of the original
+image. We follow the reference (Detectron-style) procedure exactly, so the
+numbers are comparable:
+
+1. pad the `m x m` map with one pixel of zeros on every side,
+2. enlarge the outer box by `(m + 2) / m` about its centre so that the padded
+   map covers it with the same cell size, and truncate it to integer pixels,
+3. `cv2.resize` (bilinear) the padded map to the box size
+   `(x1 - x0 + 1) x (y1 - y0 + 1)` (the reference's inclusive-pixel
+   convention),
+4. threshold at > 0.5 and place it into the image, clipping at the borders.
+
+numpy + OpenCV; host-side only.
+"""
+import cv2
+import numpy as np
+
+
+def _check_inputs(masks, boxes, image_height, image_width):
+  masks = np.asarray(masks, dtype=np.float32)
+  boxes = np.asarray(boxes, dtype=np.float64)
+  if masks.ndim != 3 or masks.shape[1] != masks.shape[2]:
+    raise ValueError(
+        f"masks must be [N, m, m] (square maps in the outer-box frame), got "
+        f"shape {masks.shape}.")
+  if boxes.shape != (masks.shape[0], 4):
+    raise ValueError(
+        f"outer_boxes_yxyx must be [N, 4] with N = {masks.shape[0]} (one box "
+        f"per mask), got shape {boxes.shape}.")
+  if int(image_height) <= 0 or int(image_width) <= 0:
+    raise ValueError(
+        f"image size must be positive, got {image_height} x {image_width}.")
+  if not np.all(np.isfinite(boxes)):
+    raise ValueError("outer_boxes_yxyx contains NaN or infinite values.")
+  return masks, boxes, int(image_height), int(image_width)
+
+
+def _reference_boxes(boxes_yxyx, mask_size):
+  """Enlarges boxes by (m + 2) / m about their centres; int32 [N, 4] x0y0x1y1."""
+  scale = (mask_size + 2.0) / mask_size
+  y0, x0, y1, x1 = (boxes_yxyx[:, i] for i in range(4))
+  half_w = 0.5 * (x1 - x0)
+  half_h = 0.5 * (y1 - y0)
+  cx = x0 + half_w
+  cy = y0 + half_h
+  half_w = half_w * scale
+  half_h = half_h * scale
+  enlarged = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h],
+                      axis=1)
+  # astype truncates toward zero, as the reference does.
+  return enlarged.astype(np.int32)
+
+
+def _paste(masks, boxes, image_height, image_width, out, instance_axis):
+  """Writes each pasted mask into `out` (zeros) along `instance_axis`."""
+  mask_size = masks.shape[1]
+  ref_boxes = _reference_boxes(boxes, mask_size)
+  padded = np.zeros((mask_size + 2, mask_size + 2), dtype=np.float32)
+  for i in range(masks.shape[0]):
+    rx0, ry0, rx1, ry1 = (int(v) for v in ref_boxes[i])
+    w = max(rx1 - rx0 + 1, 1)
+    h = max(ry1 - ry0 + 1, 1)
+    x_lo, x_hi = min(max(rx0, 0), image_width), min(max(rx0 + w, 0),
+                                                    image_width)
+    y_lo, y_hi = min(max(ry0, 0), image_height), min(max(ry0 + h, 0),
+                                                     image_height)
+    if x_hi <= x_lo or y_hi <= y_lo:
+      continue  # Entirely outside the image.
+    padded[1:-1, 1:-1] = masks[i]
+    resized = cv2.resize(padded, (w, h), interpolation=cv2.INTER_LINEAR)
+    window = resized[y_lo - ry0:y_hi - ry0, x_lo - rx0:x_hi - rx0] > 0.5
+    if instance_axis == 0:
+      out[i, y_lo:y_hi, x_lo:x_hi] = window
+    else:
+      out[y_lo:y_hi, x_lo:x_hi, i] = window
+  return out
+
+
+def paste_instance_masks(masks, outer_boxes_yxyx, image_height, image_width):
+  """Pastes outer-box-frame mask probabilities into image-size binary masks.
+
+  Args:
+    masks: float [N, m, m] probabilities in [0, 1], each in the frame of its
+      outer box.
+    outer_boxes_yxyx: float [N, 4] outer boxes [ymin, xmin, ymax, xmax] in
+      pixels of the original image (already mapped back from the canvas).
+    image_height: int, original image height H.
+    image_width: int, original image width W.
+
+  Returns:
+    uint8 [N, H, W] in {0, 1}.
+  """
+  masks, boxes, h, w = _check_inputs(masks, outer_boxes_yxyx, image_height,
+                                     image_width)
+  out = np.zeros((masks.shape[0], h, w), dtype=np.uint8)
+  return _paste(masks, boxes, h, w, out, instance_axis=0)
+
+
+def paste_instance_masks_hwn(masks, outer_boxes_yxyx, image_height,
+                             image_width):
+  """Same as `paste_instance_masks`, laid out for `pycocotools.mask.encode`.
+
+  Returns:
+    uint8 [H, W, N] in {0, 1}, Fortran-ordered (what RLE encoding needs,
+    without a transposing copy of N full-size masks).
+  """
+  masks, boxes, h, w = _check_inputs(masks, outer_boxes_yxyx, image_height,
+                                     image_width)
+  out = np.zeros((h, w, masks.shape[0]), dtype=np.uint8, order="F")
+  return _paste(masks, boxes, h, w, out, instance_axis=2)
