@@ -166,14 +166,14 @@ def instance_masks(annotation_file, prior_size=32):
   return masks, np.asarray(category_ids, np.int64), skipped
 
 
-def _squared_distances(x, centers):
-  """``[n, k]`` float64 squared distances, computed in row chunks."""
-  centers = centers.astype(np.float64)
+def _squared_distances(x, x_norms, centers):
+  """``[n, k]`` float64 squared distances; float32 products, in row chunks."""
+  centers32 = centers.astype(np.float32)
   center_norms = np.sum(centers * centers, axis=1)
   out = np.empty((x.shape[0], centers.shape[0]), np.float64)
   for start in range(0, x.shape[0], _CHUNK):
-    chunk = x[start:start + _CHUNK].astype(np.float64)
-    d = (np.sum(chunk * chunk, axis=1)[:, None] - 2.0 * chunk @ centers.T +
+    products = x[start:start + _CHUNK] @ centers32.T
+    d = (x_norms[start:start + _CHUNK, None] - 2.0 * products +
          center_norms[None, :])
     out[start:start + _CHUNK] = np.maximum(d, 0.0)
   return out
@@ -183,7 +183,7 @@ def kmeans(x, num_clusters, rng, max_iterations=100):
   """k-means++ seeding and Lloyd iterations.
 
   Args:
-    x: float ``[n, d]`` with ``n >= num_clusters``.
+    x: float ``[n, d]`` with ``n >= num_clusters`` (used as float32).
     num_clusters: int K >= 1.
     rng: ``np.random.Generator`` used for the seeding (the only randomness).
     max_iterations: int, cap on Lloyd iterations; they stop earlier when the
@@ -195,12 +195,14 @@ def kmeans(x, num_clusters, rng, max_iterations=100):
     point farthest from its centre; if the data have fewer than K distinct
     points, duplicate centres with count 0 can remain.
   """
+  x = np.ascontiguousarray(x, np.float32)
   n = x.shape[0]
   if n < num_clusters:
     raise ValueError(f'kmeans needs at least {num_clusters} points, got {n}.')
+  x_norms = np.einsum('ij,ij->i', x, x).astype(np.float64)
   centers = np.empty((num_clusters, x.shape[1]), np.float64)
   centers[0] = x[rng.integers(n)]
-  closest = _squared_distances(x, centers[:1])[:, 0]
+  closest = _squared_distances(x, x_norms, centers[:1])[:, 0]
   for j in range(1, num_clusters):
     total = closest.sum()
     if total > 0.0:
@@ -208,11 +210,11 @@ def kmeans(x, num_clusters, rng, max_iterations=100):
     else:  # Every point coincides with a centre already.
       index = rng.integers(n)
     centers[j] = x[index]
-    closest = np.minimum(closest, _squared_distances(x, centers[j:j + 1])[:,
-                                                                          0])
+    closest = np.minimum(
+        closest, _squared_distances(x, x_norms, centers[j:j + 1])[:, 0])
   assignment = None
   for _ in range(max_iterations):
-    distances = _squared_distances(x, centers)
+    distances = _squared_distances(x, x_norms, centers)
     new_assignment = np.argmin(distances, axis=1)
     counts = np.bincount(new_assignment, minlength=num_clusters)
     for j in np.flatnonzero(counts == 0):
@@ -227,19 +229,23 @@ def kmeans(x, num_clusters, rng, max_iterations=100):
     if assignment is not None and np.array_equal(new_assignment, assignment):
       break
     assignment = new_assignment
-    for j in range(num_clusters):
-      members = assignment == j
-      if members.any():
-        centers[j] = x[members].astype(np.float64).mean(axis=0)
+    sums = np.zeros_like(centers)
+    for start in range(0, n, _CHUNK):
+      labels = assignment[start:start + _CHUNK]
+      one_hot = np.zeros((labels.size, num_clusters), np.float32)
+      one_hot[np.arange(labels.size), labels] = 1.0
+      sums += one_hot.T @ x[start:start + _CHUNK]
+    filled = counts > 0
+    centers[filled] = sums[filled] / counts[filled, None]
   counts = np.bincount(assignment, minlength=num_clusters)
   return centers, counts
 
 
-def _class_priors(masks, num_clusters, rng, max_iterations):
-  """K priors ``[K, S, S]`` float32 for one class's float masks."""
-  n, size, _ = masks.shape
-  flat = masks.reshape(n, -1)
-  mean = flat.astype(np.float64).mean(axis=0)
+def _class_priors(masks_u8, num_clusters, rng, max_iterations):
+  """K priors ``[K, S, S]`` float32 for one class's uint8 masks."""
+  n, size, _ = masks_u8.shape
+  flat = masks_u8.reshape(n, -1).astype(np.float32) / 255.0
+  mean = flat.mean(axis=0, dtype=np.float64)
   if n >= num_clusters:
     centers, counts = kmeans(flat, num_clusters, rng, max_iterations)
     # Largest cluster first; equal sizes: the centre closest to the class
@@ -251,7 +257,7 @@ def _class_priors(masks, num_clusters, rng, max_iterations):
   else:
     by_closeness = np.argsort(
         np.sum((flat.astype(np.float64) - mean)**2, axis=1), kind='stable')
-    ordered = masks[by_closeness].astype(np.float64)
+    ordered = flat[by_closeness].astype(np.float64).reshape(n, size, size)
     sequence = np.concatenate([
         mean.reshape(1, size, size), ordered, ordered[:, :, ::-1]
     ]).reshape(2 * n + 1, -1)
@@ -331,13 +337,15 @@ def compute_shape_priors(annotation_file,
         f'{annotation_file} uses '
         f'category id {max_id}, which needs num_classes >= {max_id + 1}.')
   num_classes = int(num_classes)
-  masks = masks_u8.astype(np.float32) / 255.0
-  global_mean = np.clip(masks.astype(np.float64).mean(axis=0), 0.0, 1.0)
+  # Masks stay uint8 (COCO train: ~0.9 GB); classes are converted one at a
+  # time.
+  global_mean = np.clip(
+      masks_u8.mean(axis=0, dtype=np.float64) / 255.0, 0.0, 1.0)
   counts = {cid: int(np.sum(category_ids == cid)) for cid in sorted(all_ids)}
   methods = {}
   if class_agnostic:
     rng = np.random.default_rng([seed, 0])
-    row, _ = _class_priors(masks, num_clusters, rng, max_iterations)
+    row, _ = _class_priors(masks_u8, num_clusters, rng, max_iterations)
     priors = row[None]
   else:
     priors = np.broadcast_to(
@@ -348,7 +356,7 @@ def compute_shape_priors(annotation_file,
         methods[cid] = 'global_mean'
         continue
       rng = np.random.default_rng([seed, cid])
-      priors[cid], methods[cid] = _class_priors(masks[category_ids == cid],
+      priors[cid], methods[cid] = _class_priors(masks_u8[category_ids == cid],
                                                 num_clusters, rng,
                                                 max_iterations)
   summary = {
@@ -358,7 +366,7 @@ def compute_shape_priors(annotation_file,
       'prior_size': prior_size,
       'class_agnostic': bool(class_agnostic),
       'seed': seed,
-      'num_instances': int(masks.shape[0]),
+      'num_instances': int(masks_u8.shape[0]),
       'num_crowd_skipped': skipped['crowd'],
       'num_empty_skipped': skipped['empty'],
       'instances_per_class': counts,
@@ -381,7 +389,8 @@ def format_summary(summary):
   ]
   lines.append(f"{'id':>4}  {'category':<20} {'instances':>9}  priors")
   for cid, n in summary['instances_per_class'].items():
-    method = summary['method_per_class'].get(cid, '-')
+    method = summary['method_per_class'].get(
+        cid, 'pooled' if summary['class_agnostic'] else '-')
     name = summary['category_names'].get(cid, str(cid))
     lines.append(f'{cid:>4}  {name:<20} {n:>9}  {method}')
   return lines

@@ -285,3 +285,56 @@ def test_cli_writes_npy_and_png(tmp_path, train_json):
   assert bad.returncode != 0
   assert 'none.json' in bad.stderr and 'Traceback' not in bad.stderr
   assert not (tmp_path / 'x.npy').exists()
+
+
+def test_kmeans_fewer_distinct_points_than_clusters():
+  x = np.array([[0.0, 1.0]] * 5 + [[1.0, 0.0]] * 3)
+  centers, counts = shape_priors.kmeans(x, 3, np.random.default_rng(0))
+  assert counts.sum() == 8 and sorted(counts.tolist())[-2:] == [3, 5]
+  for c in ([0.0, 1.0], [1.0, 0.0]):
+    assert np.min(np.abs(centers - c).sum(1)) == 0.0
+  with pytest.raises(ValueError, match='at least 3 points'):
+    shape_priors.kmeans(x[:2], 3, np.random.default_rng(0))
+
+
+def test_rle_and_polygon_instances(tmp_path):
+  """Non-crowd RLE (list and compressed counts) and polygon instances."""
+  image = np.zeros((20, 30), np.uint8)
+  image[4:12, 6:22] = 1  # 8 x 16 rectangle ...
+  image[8:12, 6:14] = 0  # ... minus its lower-left quarter: an L shape.
+  compressed = mask_api.encode(np.asfortranarray(image))
+  compressed['counts'] = compressed['counts'].decode('ascii')
+  # Uncompressed COCO RLE: column-major run lengths starting with zeros.
+  flat = image.flatten(order='F')
+  runs, value, length = [], 0, 0
+  for v in flat:
+    if v == value:
+      length += 1
+    else:
+      runs.append(length)
+      value, length = v, 1
+  runs.append(length)
+  data = {
+      'images': [{'id': 1, 'height': 20, 'width': 30}],
+      'categories': [{'id': 1, 'name': 'ell'}, {'id': 3, 'name': 'box'}],
+      'annotations': [
+          {'id': 1, 'image_id': 1, 'category_id': 1, 'iscrowd': 0,
+           'segmentation': compressed},
+          {'id': 2, 'image_id': 1, 'category_id': 1, 'iscrowd': 0,
+           'segmentation': {'size': [20, 30], 'counts': runs}},
+          {'id': 3, 'image_id': 1, 'category_id': 3, 'iscrowd': 0,
+           'segmentation': [[2.0, 3.0, 10.0, 3.0, 10.0, 7.0, 2.0, 7.0]]},
+      ]}
+  path = tmp_path / 'instances.json'
+  path.write_text(json.dumps(data))
+  priors, summary = shape_priors.compute_shape_priors(
+      path, num_clusters=1, prior_size=8)
+  assert priors.shape == (4, 1, 8, 8)
+  assert summary['instances_per_class'] == {1: 2, 3: 1}
+  expected_l = np.ones((8, 8), np.float32)
+  expected_l[4:, :4] = 0.0
+  np.testing.assert_allclose(priors[1, 0], expected_l, atol=1e-6)
+  np.testing.assert_allclose(priors[3, 0], np.ones((8, 8)), atol=1e-6)
+  # Rows 0 and 2: the mean of the three instances.
+  np.testing.assert_allclose(priors[2, 0], (2 * expected_l + 1) / 3,
+                             atol=1 / 255)
