@@ -1,0 +1,1 @@
+"""ShapeMask model components (Keras 3, keras.ops only)."""

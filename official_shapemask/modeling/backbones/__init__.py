@@ -1,0 +1,1 @@
+"""Backbones: feature extractors returning {level: feature} dicts."""

@@ -1,0 +1,1 @@
+"""Decoders: multi-level feature fusion (FPN)."""

@@ -1,0 +1,1 @@
+"""Model layers without a natural home elsewhere (post-processing)."""
