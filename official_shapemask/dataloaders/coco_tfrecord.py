@@ -514,12 +514,16 @@ def _progress(total, desc, enabled):
   print(file=sys.stderr)
 
 
+@contextlib.contextmanager
 def _encoded_records(tasks, image_dir, id_to_name, num_workers):
-  """Yields ``(serialized_example, stats)`` in task order."""
+  """Yields an iterator of ``(serialized_example, stats)`` in task order.
+
+  With more than one worker the pool is started on entry (before any output
+  file is opened, so the forked workers hold none) and torn down on exit.
+  """
   if num_workers == 1:
     _init_worker(image_dir, id_to_name)
-    for task in tasks:
-      yield _encode_one(task)
+    yield map(_encode_one, tasks)
     return
   methods = multiprocessing.get_all_start_methods()
   context = multiprocessing.get_context('fork' if 'fork' in methods else None)
@@ -527,7 +531,7 @@ def _encoded_records(tasks, image_dir, id_to_name, num_workers):
                       initargs=(image_dir, id_to_name))
   try:
     chunksize = max(1, min(16, len(tasks) // (4 * num_workers)))
-    yield from pool.imap(_encode_one, tasks, chunksize=chunksize)
+    yield pool.imap(_encode_one, tasks, chunksize=chunksize)
     pool.close()
   finally:
     pool.terminate()
@@ -599,21 +603,22 @@ def convert_coco_to_tfrecords(image_dir,
   try:
     tmp_paths = [os.path.join(tmp_dir, os.path.basename(p))
                  for p in final_paths]
-    writers = [tf.io.TFRecordWriter(p) for p in tmp_paths]
-    try:
-      with _progress(len(tasks), base, show_progress) as update, \
-          contextlib.closing(_encoded_records(
-              tasks, image_dir, id_to_name, num_workers)) as records:
-        for index, (record, stats) in enumerate(records):
-          writers[index % num_shards].write(record)
-          totals['instances'] += stats['instances']
-          totals['crowd'] += stats['crowd']
-          totals['images_without_instances'] += int(stats['instances'] == 0)
-          dropped.update(stats['dropped'])
-          update(1)
-    finally:
-      for writer in writers:
-        writer.close()
+    with _encoded_records(tasks, image_dir, id_to_name,
+                          num_workers) as records:
+      writers = [tf.io.TFRecordWriter(p) for p in tmp_paths]
+      try:
+        with _progress(len(tasks), base, show_progress) as update:
+          for index, (record, stats) in enumerate(records):
+            writers[index % num_shards].write(record)
+            totals['instances'] += stats['instances']
+            totals['crowd'] += stats['crowd']
+            totals['images_without_instances'] += int(
+                stats['instances'] == 0)
+            dropped.update(stats['dropped'])
+            update(1)
+      finally:
+        for writer in writers:
+          writer.close()
     tmp_label_map = os.path.join(tmp_dir, os.path.basename(final_label_map))
     with open(tmp_label_map, 'w') as f:
       json.dump({str(k): v for k, v in sorted(id_to_name.items())}, f,
