@@ -178,9 +178,16 @@ def test_set_shape_priors_rejects_wrong_shape_naming_both():
     prior_head.set_shape_priors(np.zeros((91, 20, 32, 32), np.float32))
   assert "(91, 20, 32, 32)" in str(error.value)
   assert str((C, K, M, M)) in str(error.value)
-  assert not prior_head.shape_priors.trainable
+  # Values given before build are used when the weight is created.
   prior_head.set_shape_priors(np.full((C, K, M, M), 0.25))
+  features, boxes, outer, classes = _inputs()
+  prior_head(features, boxes, outer, classes)
+  assert not prior_head.shape_priors.trainable
   np.testing.assert_allclose(_np(prior_head.shape_priors), 0.25)
+  prior_head.set_shape_priors(np.full((C, K, M, M), 0.5))
+  np.testing.assert_allclose(_np(prior_head.shape_priors), 0.5)
+  with pytest.raises(ValueError, match=r"\(5, 3, 8, 8\)"):
+    prior_head.set_shape_priors(np.zeros((C, K + 1, M, M)))
 
 
 def test_coarse_class_gather_equals_all_channels_then_select():

@@ -26,8 +26,9 @@ class ShapePriorHead(keras.layers.Layer):
   with static shapes (a 5-D Dense broke TensorRT export, tensorflow/tpu#815).
 
   The priors are a non-trainable weight ``shape_priors`` of shape
-  ``[C_mask, K, m, m]`` (zeros until `set_shape_priors` is called), where
-  ``C_mask`` is `num_classes`, or 1 when `use_category_for_mask` is False.
+  ``[C_mask, K, m, m]``, created in `build` (zeros unless `set_shape_priors`
+  gave values, before or after building), where ``C_mask`` is
+  `num_classes`, or 1 when `use_category_for_mask` is False.
 
   Args:
     num_classes: int, class slots including background (COCO: 91).
@@ -64,12 +65,10 @@ class ShapePriorHead(keras.layers.Layer):
         bias_initializer="zeros",
         name="shape_classifier",
         dtype=self.dtype_policy)
-    self.shape_priors = self.add_weight(
-        name="shape_priors",
-        shape=self.shape_priors_shape,
-        initializer="zeros",
-        trainable=False,
-        dtype="float32")
+    # Created in `build` (so its path sits under the parent model's scope);
+    # values given earlier to `set_shape_priors` wait in `_pending_priors`.
+    self.shape_priors = None
+    self._pending_priors = None
 
   @property
   def shape_priors_shape(self):
@@ -96,7 +95,10 @@ class ShapePriorHead(keras.layers.Layer):
           f", num_clusters={self.num_clusters}, mask_crop_size, "
           f"mask_crop_size]; use_category_for_mask="
           f"{self.use_category_for_mask}).")
-    self.shape_priors.assign(priors)
+    if self.shape_priors is None:
+      self._pending_priors = priors
+    else:
+      self.shape_priors.assign(priors)
 
   def build(self, fpn_features_shape):
     channels = None
@@ -105,6 +107,15 @@ class ShapePriorHead(keras.layers.Layer):
     m = self.mask_crop_size
     self.shape_prior_fc.build((None, m, m, channels))
     self.shape_classifier.build((None, self.num_downsample_channels))
+    pending = self._pending_priors
+    self.shape_priors = self.add_weight(
+        name="shape_priors",
+        shape=self.shape_priors_shape,
+        initializer=(keras.initializers.Zeros() if pending is None else
+                     keras.initializers.Constant(pending)),
+        trainable=False,
+        dtype="float32")
+    self._pending_priors = None
     self.built = True
 
   def _instance_classes(self, classes):
