@@ -63,6 +63,23 @@ class _ConvBN(keras.layers.Layer):
         momentum=norm_momentum, epsilon=norm_epsilon,
         synchronized=use_sync_bn, dtype=self.dtype_policy, name="bn")
 
+  def _padded_shape(self, input_shape):
+    shape = list(input_shape)
+    if self._config["strides"] > 1:
+      pad = self._config["kernel_size"] - 1
+      for axis in (1, 2):
+        if shape[axis] is not None:
+          shape[axis] += pad
+    return tuple(shape)
+
+  def build(self, input_shape):
+    padded = self._padded_shape(input_shape)
+    self.conv.build(padded)
+    self.bn.build(self.conv.compute_output_shape(padded))
+
+  def compute_output_shape(self, input_shape):
+    return self.conv.compute_output_shape(self._padded_shape(input_shape))
+
   def call(self, inputs, training=None):
     x = inputs
     if self._config["strides"] > 1:
@@ -112,6 +129,20 @@ class _ResidualBlock(keras.layers.Layer):
           _ConvBN(filters, 3, strides, name="conv1", **common),
           _ConvBN(filters, 3, 1, use_relu=False, name="conv2", **common),
       ]
+
+  def build(self, input_shape):
+    if self.shortcut is not None:
+      self.shortcut.build(input_shape)
+    shape = input_shape
+    for conv in self.convs:
+      conv.build(shape)
+      shape = conv.compute_output_shape(shape)
+
+  def compute_output_shape(self, input_shape):
+    shape = input_shape
+    for conv in self.convs:
+      shape = conv.compute_output_shape(shape)
+    return shape
 
   def call(self, inputs, training=None):
     shortcut = inputs
@@ -194,6 +225,29 @@ class ResNet(keras.layers.Layer):
             conv_trainable=conv_trainable,
             name=f"block_group{g + 1}_block{b + 1}", **norm))
       self.groups.append(blocks)
+
+  def _output_shapes(self, input_shape, build):
+    if build:
+      self.stem.build(input_shape)
+    shape = list(self.stem.compute_output_shape(input_shape))
+    for axis in (1, 2):  # 3x3 / 2 SAME max-pool
+      if shape[axis] is not None:
+        shape[axis] = -(-shape[axis] // 2)
+    shape = tuple(shape)
+    shapes = {}
+    for level, blocks in enumerate(self.groups, start=2):
+      for block in blocks:
+        if build:
+          block.build(shape)
+        shape = block.compute_output_shape(shape)
+      shapes[str(level)] = shape
+    return shapes
+
+  def build(self, input_shape):
+    self._output_shapes(input_shape, build=True)
+
+  def compute_output_shape(self, input_shape):
+    return self._output_shapes(input_shape, build=False)
 
   def call(self, images, training=None):
     x = self.stem(images, training=training)

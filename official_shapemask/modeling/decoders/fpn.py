@@ -75,6 +75,38 @@ class FPN(keras.layers.Layer):
             synchronized=use_sync_bn, dtype=self.dtype_policy,
             name=f"p{level}-bn")
 
+  def build(self, features_shape):
+    cfg = self._config
+    filters_shape = (None, None, None, cfg["num_filters"])
+    for level in range(cfg["min_level"], cfg["max_level"] + 1):
+      key = str(level)
+      if key in self.lateral:
+        if key not in features_shape:
+          raise ValueError(
+              f"FPN: backbone features lack level '{key}'; got keys "
+              f"{sorted(features_shape)}.")
+        self.lateral[key].build(features_shape[key])
+        self.post_hoc[key].build(filters_shape)
+      else:
+        self.coarse[key].build(filters_shape)
+      if key in self.norms:
+        self.norms[key].build(filters_shape)
+
+  def compute_output_shape(self, features_shape):
+    cfg = self._config
+    top = features_shape[str(cfg["backbone_max_level"])]
+    shapes = {}
+    for level in range(cfg["min_level"], cfg["max_level"] + 1):
+      if level <= cfg["backbone_max_level"]:
+        shape = features_shape[str(level)]
+        spatial = shape[1:3]
+      else:
+        spatial = [None if s is None else -(-s // 2**(
+            level - cfg["backbone_max_level"])) for s in top[1:3]]
+      shapes[str(level)] = (top[0], spatial[0], spatial[1],
+                            cfg["num_filters"])
+    return shapes
+
   def call(self, features, training=None):
     min_level = self._config["min_level"]
     max_level = self._config["max_level"]

@@ -94,6 +94,25 @@ class RetinaNetHead(keras.layers.Layer):
         kernel_initializer=predict_init, bias_initializer="zeros",
         dtype=self.dtype_policy, name="box-predict")
 
+  def build(self, features_shape):
+    cfg = self._config
+    key = str(cfg["min_level"])
+    if key not in features_shape:
+      raise ValueError(
+          f"RetinaNetHead: features lack level '{key}'; got keys "
+          f"{sorted(features_shape)}.")
+    shape = (None, None, None, features_shape[key][-1])
+    filters_shape = (None, None, None, cfg["num_filters"])
+    for convs, norms in ((self.class_convs, self.class_norms),
+                         (self.box_convs, self.box_norms)):
+      for i, conv in enumerate(convs):
+        conv.build(shape if i == 0 else filters_shape)
+      for norm in norms.values():
+        norm.build(filters_shape)
+    predict_shape = filters_shape if cfg["num_convs"] else shape
+    self.class_predict.build(predict_shape)
+    self.box_predict.build(predict_shape)
+
   def _tower(self, x, convs, norms, level, training):
     for i, conv in enumerate(convs):
       x = conv(x)
