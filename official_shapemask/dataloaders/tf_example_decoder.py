@@ -44,6 +44,15 @@ class TfExampleDecoder:
     # The Model Garden decoder leaves the mask spatial dims unknown; the
     # masks have the image size (the writer stores full-image masks).
     masks = tf.reshape(masks, [-1, height, width])
+    num_masks = tf.shape(masks)[0]
+    num_instances = tf.shape(data['groundtruth_classes'])[0]
+    check = tf.debugging.Assert(
+        tf.equal(num_masks, num_instances),
+        ['ShapeMask records need one image/object/mask PNG per instance; '
+         'record with image/source_id', data['source_id'], 'has',
+         num_instances, 'instances and', num_masks, 'masks'])
+    with tf.control_dependencies([check]):
+      masks = tf.identity(masks)
     return {
         'image': data['image'],
         'source_id': data['source_id'],

@@ -414,3 +414,53 @@ def test_rejects_bad_settings():
     shapemask_parser.Parser(200)
   with pytest.raises(ValueError, match='mask_train_class'):
     shapemask_parser.Parser(S, mask_train_class='coco')
+
+
+def _example(num_boxes, with_masks, source_id=b'17'):
+  """A 20x30 synthetic record with `num_boxes` boxes (edge cases only)."""
+  feature = lambda **kw: tf.train.Feature(**kw)
+  floats = lambda v: feature(float_list=tf.train.FloatList(value=v))
+  ints = lambda v: feature(int64_list=tf.train.Int64List(value=v))
+  data = lambda v: feature(bytes_list=tf.train.BytesList(value=v))
+  mask = np.zeros([20, 30, 1], np.uint8)
+  mask[2:10, 3:15] = 1
+  features = {
+      'image/encoded': data([tf.io.encode_jpeg(
+          tf.fill([20, 30, 3], tf.constant(90, tf.uint8))).numpy()]),
+      'image/source_id': data([source_id]),
+      'image/height': ints([20]),
+      'image/width': ints([30]),
+      'image/object/bbox/ymin': floats([0.1] * num_boxes),
+      'image/object/bbox/xmin': floats([0.1] * num_boxes),
+      'image/object/bbox/ymax': floats([0.5] * num_boxes),
+      'image/object/bbox/xmax': floats([0.5] * num_boxes),
+      'image/object/class/label': ints([3] * num_boxes),
+  }
+  if with_masks:
+    features['image/object/mask'] = data(
+        [tf.io.encode_png(mask).numpy()] * num_boxes)
+  return tf.train.Example(features=tf.train.Features(
+      feature=features)).SerializeToString()
+
+
+def test_image_without_instances():
+  record = tf.constant(_example(0, with_masks=True))
+  _, labels = shapemask_parser.Parser(128, mode='train', seed=0)(record)
+  assert labels['num_positives'].numpy() == 0
+  assert np.all(labels['cls_targets'].numpy() == -1)
+  assert np.all(labels['mask_is_valid'].numpy() == 0)
+  assert np.all(labels['mask_targets'].numpy() == 0)
+  _, labels = shapemask_parser.Parser(128, mode='eval')(record)
+  assert labels['groundtruths']['num_detections'].numpy() == 0
+  assert labels['groundtruths']['source_id'].numpy() == 17
+
+
+def test_bad_records_fail_with_named_errors():
+  parser = shapemask_parser.Parser(128, mode='train', seed=0)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match='one image/object/mask PNG per instance'):
+    parser(tf.constant(_example(1, with_masks=False)))
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match='source_id must be a decimal integer'):
+    shapemask_parser.Parser(128, mode='eval')(
+        tf.constant(_example(1, with_masks=True, source_id=b'ab')))
