@@ -1,0 +1,230 @@
+"""The ShapeMask model: RetinaNet detector + shape-prior, coarse and fine heads.
+
+A subclassed `keras.Model` composed of plain Keras layers (see
+`official_shapemask.modeling.factory.build_shapemask_model` for the builder).
+It trains with `model.fit` on the input reader's `(images, labels)` batches and
+with the custom `tf.distribute` loop; both use `compute_losses`, the one loss
+implementation.
+
+Tensor contracts (docs/contracts.md): images `[B, S, S, 3]`; boxes
+`[ymin, xmin, ymax, xmax]` in pixels of the padded canvas.
+"""
+
+import keras
+from keras import ops
+
+from official_shapemask import losses as losses_lib
+from official_shapemask.ops import box_ops
+
+# Keys of the training labels that the forward pass needs (the mask branch
+# runs on the ground-truth boxes in training).
+MASK_INPUT_KEYS = ("mask_boxes", "mask_outer_boxes", "mask_classes")
+LOSS_NAMES = ("cls_loss", "box_loss", "prior_loss", "coarse_loss", "fine_loss",
+              "l2_loss")
+
+
+@keras.saving.register_keras_serializable(package="official_shapemask")
+class ShapeMaskModel(keras.Model):
+  """ShapeMask instance segmentation model.
+
+  Call with either an image batch `[B, S, S, 3]` (inference: detections, then
+  the mask branch on them) or a dict `{'images': ..., 'mask_boxes': [B, N, 4],
+  'mask_outer_boxes': [B, N, 4], 'mask_classes': [B, N]}` (the mask branch on
+  the given boxes, as in training). A dict may also carry `image_info`
+  `[B, 4, 2]`, which inference passes through.
+
+  Args:
+    backbone: layer mapping images to `{'2'..'5': C_l}`.
+    decoder: FPN layer mapping those to `{'3'..str(max_level): P_l}`.
+    head: RetinaNet head, `(cls [B, A, C], box [B, A, 4])`.
+    prior_head: `ShapePriorHead`.
+    coarse_head: `CoarseMaskHead`.
+    fine_head: `FineMaskHead`.
+    detection_generator: `DetectionGenerator` (inference post-processing).
+    loss: `ShapeMaskLoss` (weights of the loss terms).
+    image_size: int, the square padded canvas side `S`.
+    outer_box_scale: float, outer boxes = boxes scaled about their centre.
+    l2_weight_decay: float, weight of `0.5 * sum(v**2)` over trainable
+      variables (the reference decays all of them, biases and BN included).
+  """
+
+  def __init__(self,
+               backbone,
+               decoder,
+               head,
+               prior_head,
+               coarse_head,
+               fine_head,
+               detection_generator,
+               loss,
+               image_size,
+               outer_box_scale=1.25,
+               l2_weight_decay=1e-4,
+               **kwargs):
+    super().__init__(**kwargs)
+    self.backbone = backbone
+    self.decoder = decoder
+    self.head = head
+    self.prior_head = prior_head
+    self.coarse_head = coarse_head
+    self.fine_head = fine_head
+    self.detection_generator = detection_generator
+    self.shapemask_loss = loss
+    self.image_size = int(image_size)
+    self.outer_box_scale = float(outer_box_scale)
+    self.l2_weight_decay = float(l2_weight_decay)
+    self._loss_trackers = {
+        name: keras.metrics.Mean(name=name) for name in LOSS_NAMES
+    }
+    # Attribute assignment makes Keras track the metrics (reset per epoch).
+    self.loss_trackers = list(self._loss_trackers.values())
+
+  # ---------------------------------------------------------------- forward
+  def _features(self, images, training):
+    backbone_features = self.backbone(images, training=training)
+    return self.decoder(backbone_features, training=training)
+
+  def _mask_branch(self, fpn_features, boxes, outer_boxes, classes, training):
+    instance_features, prior_masks = self.prior_head(
+        fpn_features, boxes, outer_boxes, classes, training=training)
+    coarse_logits = self.coarse_head(
+        instance_features, prior_masks, classes, training=training)
+    fine_logits = self.fine_head(
+        instance_features, coarse_logits, classes, training=training)
+    return prior_masks, coarse_logits, fine_logits
+
+  def call(self, inputs, training=None):
+    if isinstance(inputs, dict):
+      images = inputs["images"]
+      given_boxes = all(k in inputs for k in MASK_INPUT_KEYS)
+    else:
+      images, given_boxes = inputs, False
+    fpn_features = self._features(images, training)
+    cls_outputs, box_outputs = self.head(fpn_features, training=training)
+
+    if given_boxes:
+      classes = ops.cast(inputs["mask_classes"], "int32")
+      prior, coarse, fine = self._mask_branch(
+          fpn_features, inputs["mask_boxes"], inputs["mask_outer_boxes"],
+          classes, training)
+      return {
+          "cls_outputs": ops.cast(cls_outputs, "float32"),
+          "box_outputs": ops.cast(box_outputs, "float32"),
+          "prior_masks": ops.cast(prior, "float32"),
+          "coarse_mask_logits": ops.cast(coarse, "float32"),
+          "fine_mask_logits": ops.cast(fine, "float32"),
+      }
+
+    detections = self.detection_generator(
+        ops.cast(cls_outputs, "float32"), ops.cast(box_outputs, "float32"))
+    boxes = detections["detection_boxes"]
+    outer_boxes = box_ops.compute_outer_boxes(
+        boxes, self.image_size, self.image_size, scale=self.outer_box_scale)
+    classes = ops.cast(detections["detection_classes"], "int32")
+    _, _, fine = self._mask_branch(
+        fpn_features, ops.stop_gradient(boxes),
+        ops.stop_gradient(outer_boxes), classes, training)
+    outputs = dict(detections)
+    outputs["detection_outer_boxes"] = outer_boxes
+    outputs["detection_masks"] = ops.sigmoid(ops.cast(fine, "float32"))
+    if isinstance(inputs, dict) and "image_info" in inputs:
+      outputs["image_info"] = ops.cast(inputs["image_info"], "float32")
+    return outputs
+
+  # ------------------------------------------------------------------- loss
+  def compute_losses(self, labels, outputs):
+    """All loss terms, in float32.
+
+    Args:
+      labels: the training labels dict (docs/contracts.md).
+      outputs: the training outputs of `call`.
+
+    Returns:
+      dict of scalars: cls_loss, box_loss, prior_loss, coarse_loss,
+      fine_loss, model_loss, l2_loss and total_loss (= model_loss + l2_loss).
+    """
+    terms = dict(self.shapemask_loss(labels, outputs))
+    terms["l2_loss"] = losses_lib.l2_regularization_loss(
+        self.trainable_variables, self.l2_weight_decay)
+    terms["total_loss"] = terms["model_loss"] + terms["l2_loss"]
+    return terms
+
+  def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                   training=True):
+    """Keras hook used by `fit`/`evaluate`; same losses as the custom loop."""
+    del x, sample_weight, training
+    terms = self.compute_losses(y, y_pred)
+    for name, tracker in self._loss_trackers.items():
+      tracker.update_state(terms[name])
+    total = terms["total_loss"]
+    if self.losses:  # Any `add_loss` from sub-layers.
+      total = total + ops.sum(self.losses)
+    return total
+
+  # ------------------------------------------------------- Keras step hooks
+  @staticmethod
+  def pack_inputs(images, labels):
+    """The forward-pass input of a training batch: images + GT mask boxes."""
+    inputs = {"images": images}
+    for key in MASK_INPUT_KEYS:
+      inputs[key] = labels[key]
+    return inputs
+
+  def _pack_data(self, data):
+    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(
+        data[1], dict) and all(k in data[1] for k in MASK_INPUT_KEYS):
+      images, labels = data[0], data[1]
+      if isinstance(images, dict):
+        images = images["images"]
+      return (self.pack_inputs(images, labels), labels)
+    return data
+
+  def train_step(self, *args):
+    # TF/torch backends call train_step(data); JAX calls train_step(state,
+    # data). Only the batch is repacked so the default steps run the mask
+    # branch on the ground-truth boxes.
+    *state, data = args
+    return super().train_step(*state, self._pack_data(data))
+
+  def test_step(self, *args):
+    *state, data = args
+    return super().test_step(*state, self._pack_data(data))
+
+  def predict_step(self, *args):
+    # `(images, labels)` batches from the eval parser: predict from the
+    # images alone, passing image_info through for the evaluator.
+    *state, data = args
+    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(
+        data[1], dict) and "image_info" in data[1]:
+      images = data[0]
+      if isinstance(images, dict):
+        images = images["images"]
+      data = ({"images": images, "image_info": data[1]["image_info"]},)
+    return super().predict_step(*state, data)
+
+  # ---------------------------------------------------------- serialization
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        "backbone": keras.saving.serialize_keras_object(self.backbone),
+        "decoder": keras.saving.serialize_keras_object(self.decoder),
+        "head": keras.saving.serialize_keras_object(self.head),
+        "prior_head": keras.saving.serialize_keras_object(self.prior_head),
+        "coarse_head": keras.saving.serialize_keras_object(self.coarse_head),
+        "fine_head": keras.saving.serialize_keras_object(self.fine_head),
+        "detection_generator": keras.saving.serialize_keras_object(
+            self.detection_generator),
+        "loss": keras.saving.serialize_keras_object(self.shapemask_loss),
+        "image_size": self.image_size,
+        "outer_box_scale": self.outer_box_scale,
+        "l2_weight_decay": self.l2_weight_decay,
+    })
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    for key in ("backbone", "decoder", "head", "prior_head", "coarse_head",
+                "fine_head", "detection_generator", "loss"):
+      config[key] = keras.saving.deserialize_keras_object(config[key])
+    return cls(**config)
