@@ -1,5 +1,6 @@
 """Detection generator (§9.1-9.3) against planted detections and a numpy
 re-implementation of the reference's per-class loop."""
+import keras
 import numpy as np
 import pytest
 
@@ -126,6 +127,10 @@ def test_config_round_trip_and_anchor_mismatch():
                            max_num_detections=13, name="my_gen")
   config = gen.get_config()
   clone = DetectionGenerator.from_config(config)
+  # Registered: revived by name, with no custom_objects.
+  revived = keras.saving.deserialize_keras_object(
+      keras.saving.serialize_keras_object(gen))
+  assert type(revived) is DetectionGenerator and revived.get_config() == config
   assert clone.get_config() == config
   total = anchors.num_anchors((96, 128), 3, 6, 2, (1.0, 3.0))
   out = clone(np.zeros((1, total, 4), np.float32),

@@ -1,4 +1,5 @@
 """FPN (§3): shapes per level, P6 from P5's output, P7 from ReLU(P6), BN."""
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -66,6 +67,10 @@ def test_config_round_trip_non_default():
             backbone_max_level=5, name="my_fpn")
   config = fpn.get_config()
   clone = FPN.from_config(config)
+  # Registered: revived by name, with no custom_objects.
+  revived = keras.saving.deserialize_keras_object(
+      keras.saving.serialize_keras_object(fpn))
+  assert type(revived) is FPN and revived.get_config() == config
   assert clone.get_config() == config
   feats = _backbone_features()
   a, b = fpn(feats), clone(feats)

@@ -81,6 +81,10 @@ def test_config_round_trip_non_default():
                     name="my_resnet")
   config = backbone.get_config()
   clone = ResNet.from_config(config)
+  # Registered: revived by name, with no custom_objects.
+  revived = keras.saving.deserialize_keras_object(
+      keras.saving.serialize_keras_object(backbone))
+  assert type(revived) is ResNet and revived.get_config() == config
   assert clone.get_config() == config
   assert config["depth"] == 18 and config["width_multiplier"] == 0.5
   assert config["freeze_early_convs"] is False

@@ -1,6 +1,7 @@
 """RetinaNet head (§4): shapes, initialisers, anchor order, sharing, config."""
 import math
 
+import keras
 import numpy as np
 import pytest
 
@@ -114,6 +115,10 @@ def test_config_round_trip_non_default():
                        norm_epsilon=1e-3, use_sync_bn=True, name="my_head")
   config = head.get_config()
   clone = RetinaNetHead.from_config(config)
+  # Registered: revived by name, with no custom_objects.
+  revived = keras.saving.deserialize_keras_object(
+      keras.saving.serialize_keras_object(head))
+  assert type(revived) is RetinaNetHead and revived.get_config() == config
   assert clone.get_config() == config
   feats = _pyramid(max_level=6)
   cls, box = clone(feats)

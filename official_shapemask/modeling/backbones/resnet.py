@@ -159,6 +159,7 @@ class _ResidualBlock(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package="official_shapemask")
 class ResNet(keras.layers.Layer):
   """ResNet v1.5 feature extractor returning C2..C5.
 

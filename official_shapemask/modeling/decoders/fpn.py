@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 
+@keras.saving.register_keras_serializable(package="official_shapemask")
 class FPN(keras.layers.Layer):
   """FPN producing P_min..P_max from backbone features C_min..C_backbone_max.
 

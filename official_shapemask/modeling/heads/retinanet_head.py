@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 
+@keras.saving.register_keras_serializable(package="official_shapemask")
 class RetinaNetHead(keras.layers.Layer):
   """Class and box towers shared across pyramid levels.
 

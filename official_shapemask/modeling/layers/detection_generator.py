@@ -25,6 +25,7 @@ def _gather_per_image(values, indices):
                      (-1,) + tuple(indices.shape[1:]) + (values.shape[2],))
 
 
+@keras.saving.register_keras_serializable(package="official_shapemask")
 class DetectionGenerator(keras.layers.Layer):
   """Turns RetinaNet head outputs into a fixed number of detections.
 
