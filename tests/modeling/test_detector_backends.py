@@ -16,7 +16,7 @@ SIZE, NUM_CLASSES = 128, 7
 
 MODELING_TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(MODELING_TESTS))
-from tiny_detector import build_detector  # pylint: disable=wrong-import-position
+from tiny_detector import build_detector  # pylint: disable=g-import-not-at-top
 
 
 def _inputs():

@@ -1,4 +1,5 @@
-"""Box ops against hand-computed values and the reference conventions (§4, §9)."""
+"""Box ops against hand-computed values and the reference conventions
+(§4, §9)."""
 import math
 
 import numpy as np
