@@ -79,6 +79,11 @@ class ShapeMaskModel(keras.Model):
     # Attribute assignment makes Keras track the metrics (reset per epoch).
     self.loss_trackers = list(self._loss_trackers.values())
 
+  def build(self, input_shape=None):
+    # Sub-layers build on the first call (static shapes come from the data).
+    del input_shape
+    self.built = True
+
   # ---------------------------------------------------------------- forward
   def _features(self, images, training):
     backbone_features = self.backbone(images, training=training)

@@ -56,6 +56,9 @@ def _axis_samples(start, extent, output_size, sample_offset, bound):
   steps = ops.arange(output_size, dtype="float32") + sample_offset
   grid = (start[..., None] +
           steps * extent[..., None] / float(output_size))
+  # Non-finite boxes (from a diverged model at inference) must not become
+  # out-of-range gather indices: they sample position 0 instead.
+  grid = ops.where(ops.isnan(grid), ops.zeros_like(grid), grid)
   if not isinstance(bound, (int, float)):
     bound = bound[..., None]
   low = ops.minimum(ops.maximum(ops.floor(grid), 0.0), bound)
