@@ -1,0 +1,380 @@
+"""The gin-configured experiment behind `train.py`.
+
+`Experiment` validates its inputs before any accelerator starts, builds the
+strategy (the seed's training time starts here), the model, optimizer and
+checkpoint manager in its scope, restores or initialises from checkpoints,
+trains with periodic checkpoints, evaluates, and shuts the strategy down (the
+time ends there).
+"""
+
+import json
+import math
+import os
+import uuid
+
+import gin
+import keras
+import tensorflow as tf
+
+from official_shapemask.dataloaders import input_reader
+from official_shapemask.dataloaders import shapemask_parser
+from official_shapemask.evaluation import coco_evaluator
+from official_shapemask.modeling import factory
+from official_shapemask.training import checkpoints
+from official_shapemask.training import gin_utils
+from official_shapemask.training import strategies
+from official_shapemask.training import train_loop
+
+
+def _write_json_atomic(path, data):
+  clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+           for k, v in data.items()}
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    json.dump(clean, f, indent=1, sort_keys=True)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _require_files(pattern, setting):
+  if not pattern:
+    raise ValueError(f"{setting} is not set")
+  matches = tf.io.gfile.glob(pattern)
+  if not matches:
+    raise FileNotFoundError(f"{setting}={pattern!r} matches no file")
+  return matches
+
+
+def _bound_value(name):
+  """The value bound to `configurable.param`, following macros."""
+  try:
+    value = gin.query_parameter(name)
+    for _ in range(32):
+      if not isinstance(value, gin.config.ConfigurableReference):
+        break
+      macro = value.scoped_selector
+      if not macro.endswith("/gin.macro"):
+        return None  # A configurable reference, not a plain value.
+      value = gin.query_parameter("%" + macro[:-len("/gin.macro")])
+    return value
+  except ValueError:
+    return None
+
+
+def validate_inputs(mode, train_file_pattern, eval_file_pattern,
+                    init_checkpoint):
+  """Fails fast, naming the path, before the strategy starts."""
+  if mode in ("train", "train_and_eval"):
+    _require_files(train_file_pattern, "train_file_pattern")
+  if mode in ("eval", "train_and_eval"):
+    _require_files(eval_file_pattern, "eval_file_pattern")
+  prior_path = _bound_value("build_shapemask_model.shape_prior_path")
+  if prior_path and not tf.io.gfile.exists(prior_path):
+    raise FileNotFoundError(f"shape_prior_path={prior_path!r} does not exist")
+  if init_checkpoint:
+    checkpoints.resolve_checkpoint(init_checkpoint)
+
+
+def model_input_settings(model):
+  """Parser settings that must agree with the model's anchors and sizes."""
+  anchors = model.detection_generator.get_config()
+  return dict(output_size=model.image_size, min_level=anchors["min_level"],
+              max_level=anchors["max_level"], num_scales=anchors["num_scales"],
+              aspect_ratios=tuple(anchors["aspect_ratios"]),
+              anchor_size=anchors["anchor_size"],
+              mask_crop_size=model.prior_head.mask_crop_size,
+              upsample_factor=model.fine_head.upsample_factor,
+              outer_box_scale=model.outer_box_scale)
+
+
+def make_eval_dataset(file_pattern, batch_size, model, use_bfloat16=False):
+  """The evaluation dataset: `(images, {'image_info', 'groundtruths'})`."""
+  parser = shapemask_parser.Parser(mode="eval", use_bfloat16=use_bfloat16,
+                                   **model_input_settings(model))
+  return input_reader.build_dataset(file_pattern, parser, batch_size,
+                                    is_training=False)
+
+
+def make_train_dataset_fn(file_pattern, global_batch_size, model,
+                          use_bfloat16=False, deterministic=False):
+  """A `distribute_datasets_from_function` callable for training."""
+  settings = model_input_settings(model)
+
+  def dataset_fn(input_context):
+    parser = shapemask_parser.Parser(mode="train", use_bfloat16=use_bfloat16,
+                                     **settings)
+    batch = input_context.get_per_replica_batch_size(global_batch_size)
+    return input_reader.build_dataset(
+        file_pattern, parser, batch, is_training=True,
+        input_context=input_context, deterministic=deterministic)
+
+  return dataset_fn
+
+
+@gin.configurable
+def build_momentum_optimizer(learning_rate=gin.REQUIRED, momentum=0.9, nesterov=False):
+  """SGD with momentum 0.9, not Nesterov (the TF1 reference)."""
+  return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum,
+                              nesterov=nesterov)
+
+
+@gin.configurable(denylist=["model_dir", "strategy_name", "tpu", "print_fn"])
+class Experiment:
+  """Strategy, model, optimizer, checkpoints and data of one run.
+
+  Args:
+    model_dir: where checkpoints, `config.gin`, TensorBoard logs and
+      `eval_<step>.json` go.
+    strategy_name: `tpu`, `mirrored`, `multi_worker` or `one_device`.
+    tpu: TPU name for `tpu`.
+    train_file_pattern: TFRecord glob of the training set.
+    eval_file_pattern: TFRecord glob of the evaluation set.
+    val_json_file: COCO annotation JSON for evaluation; None = ground truth
+      from the evaluation records themselves.
+    train_batch_size: global batch size.
+    eval_batch_size: evaluation batch size.
+    total_steps: steps to train to (a resumed run continues to this step).
+    steps_per_loop: steps per host call and per progress line.
+    checkpoint_every: steps between checkpoints (default: steps_per_loop).
+    eval_every: steps between evaluations in `train_and_eval` (default:
+      checkpoint_every).
+    eval_samples: images evaluated (None = the whole evaluation set).
+    max_checkpoints: checkpoints kept.
+    init_checkpoint: ShapeMask checkpoint (prefix or directory) to start from
+      when `model_dir` holds none.
+    init_checkpoint_modules: `all`, `backbone` or `backbone_fpn`.
+    gradient_clip_norm: global-norm clip; 0 = none (the reference).
+    use_bfloat16: `mixed_bfloat16` policy; None = on for TPU only.
+    jit_compile: XLA for the replica step; None = on for TPU only.
+    mask_eval_class: `all`, `voc` or `nonvoc` (cross-category evaluation).
+    deterministic_input: deterministic input order (tests).
+    print_fn: progress output.
+  """
+
+  def __init__(self,
+               model_dir,
+               strategy_name="one_device",
+               tpu=None,
+               train_file_pattern=None,
+               eval_file_pattern=None,
+               val_json_file=None,
+               train_batch_size=64,
+               eval_batch_size=8,
+               total_steps=45000,
+               steps_per_loop=100,
+               checkpoint_every=None,
+               eval_every=None,
+               eval_samples=None,
+               max_checkpoints=5,
+               init_checkpoint=None,
+               init_checkpoint_modules="all",
+               gradient_clip_norm=0.0,
+               use_bfloat16=None,
+               jit_compile=None,
+               mask_eval_class="all",
+               deterministic_input=False,
+               print_fn=print):
+    self.model_dir = model_dir
+    self.strategy_name = strategy_name
+    self.tpu = tpu
+    self.train_file_pattern = train_file_pattern
+    self.eval_file_pattern = eval_file_pattern
+    self.val_json_file = val_json_file
+    self.train_batch_size = int(train_batch_size)
+    self.eval_batch_size = int(eval_batch_size)
+    self.total_steps = int(total_steps)
+    self.steps_per_loop = int(steps_per_loop)
+    self.checkpoint_every = int(checkpoint_every or steps_per_loop)
+    self.eval_every = int(eval_every or self.checkpoint_every)
+    self.eval_samples = eval_samples
+    self.max_checkpoints = int(max_checkpoints)
+    self.init_checkpoint = init_checkpoint
+    self.init_checkpoint_modules = init_checkpoint_modules
+    self.gradient_clip_norm = float(gradient_clip_norm)
+    on_tpu = strategy_name == "tpu"
+    self.use_bfloat16 = on_tpu if use_bfloat16 is None else bool(use_bfloat16)
+    self.jit_compile = on_tpu if jit_compile is None else bool(jit_compile)
+    self.mask_eval_class = mask_eval_class
+    self.deterministic_input = deterministic_input
+    self.print_fn = print_fn
+    self.strategy = None
+    self._loop = None
+    self._iterator = None
+    self._trained_steps = 0
+    self._train_seconds = 0.0
+    self.timer = None
+
+  # ------------------------------------------------------------------ setup
+  def start(self, mode):
+    """Validates inputs, then starts the strategy and builds everything."""
+    validate_inputs(mode, self.train_file_pattern, self.eval_file_pattern,
+                    self.init_checkpoint if mode != "eval" else None)
+    self.timer = train_loop.Timer()  # The seed's clock starts...
+    self.strategy = strategies.build_strategy(self.strategy_name, tpu=self.tpu)
+    self.chief = strategies.is_chief(self.strategy)
+    keras.mixed_precision.set_global_policy(
+        "mixed_bfloat16" if self.use_bfloat16 else "float32")
+    with self.strategy.scope():
+      self.model = factory.build_shapemask_model()
+      self.optimizer = build_momentum_optimizer()
+      self.optimizer.build(self.model.trainable_variables)
+      self.checkpoint = tf.train.Checkpoint(model=self.model,
+                                            optimizer=self.optimizer)
+      # Non-chief workers write to a scratch directory (the MWMS pattern).
+      ckpt_dir = self.model_dir if self.chief else os.path.join(
+          self.model_dir, "workers",
+          str(self.strategy.cluster_resolver.task_id))
+      self.manager = tf.train.CheckpointManager(
+          self.checkpoint, ckpt_dir, max_to_keep=self.max_checkpoints)
+      if mode != "eval":
+        self._restore_or_initialize()
+    if self.chief:
+      gin_utils.write_operative_config(self.model_dir)
+    return self
+
+  def _restore_or_initialize(self):
+    latest = self.manager.latest_checkpoint
+    if latest:
+      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      self.print_fn(f"Resumed from {latest} at step {self.step}")
+    elif self.init_checkpoint:
+      checkpoints.restore_partial(self.model, self.init_checkpoint,
+                                  self.init_checkpoint_modules,
+                                  print_fn=self.print_fn)
+
+  @property
+  def step(self):
+    return int(self.optimizer.iterations.numpy())
+
+  def close(self):
+    """Shuts the strategy down; returns the wall time since `start`."""
+    if self.strategy is not None:
+      strategies.shutdown(self.strategy)
+    return self.timer.elapsed() if self.timer else 0.0
+
+  # --------------------------------------------------------------- training
+  def train(self, until_step=None):
+    """Trains to `until_step` (default total_steps), checkpointing."""
+    until_step = min(until_step or self.total_steps, self.total_steps)
+    if self._loop is None:
+      dataset = self.strategy.distribute_datasets_from_function(
+          make_train_dataset_fn(self.train_file_pattern,
+                                self.train_batch_size, self.model,
+                                self.use_bfloat16, self.deterministic_input))
+      self._iterator = iter(dataset)
+      self._loop = train_loop.TrainLoop(
+          self.strategy, self.model, self.optimizer,
+          gradient_clip_norm=self.gradient_clip_norm,
+          jit_compile=self.jit_compile)
+      self._logger = train_loop.ProgressLogger(
+          self.total_steps, self.train_batch_size,
+          summary_dir=os.path.join(self.model_dir, "train")
+          if self.chief else None, print_fn=self.print_fn)
+    losses = {}
+    step = self.step
+    while step < until_step:
+      num = min(self.steps_per_loop, until_step - step,
+                self.checkpoint_every - step % self.checkpoint_every)
+      t = train_loop.Timer()
+      losses = self._loop.run(self._iterator, num)
+      seconds = t.elapsed()
+      step = self.step
+      train_loop.check_finite(losses, step)
+      self._trained_steps += num
+      self._train_seconds += seconds
+      self._logger.log(step, losses,
+                       train_loop.current_learning_rate(self.optimizer),
+                       seconds, num)
+      if step % self.checkpoint_every == 0 or step >= until_step:
+        self.manager.save(checkpoint_number=step)
+    return losses
+
+  # ------------------------------------------------------------- evaluation
+  def _predict_fn(self):
+    """Distributed inference: the batch is split over the replicas."""
+    strategy, model = self.strategy, self.model
+
+    def replica_fn(images, image_info):
+      return model({"images": images, "image_info": image_info},
+                   training=False)
+
+    @tf.function
+    def predict(images, image_info):
+      n = strategy.num_replicas_in_sync
+      if n == 1:
+        return strategy.run(replica_fn, args=(images, image_info))
+      per = images.shape[0] // n
+
+      def split(tensor):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: tensor[ctx.replica_id_in_sync_group * per:
+                               (ctx.replica_id_in_sync_group + 1) * per])
+
+      outputs = strategy.run(replica_fn,
+                             args=(split(images), split(image_info)))
+      return tf.nest.map_structure(lambda t: strategy.gather(t, axis=0),
+                                   outputs)
+
+    return predict
+
+  def evaluate(self):
+    """COCO box + mask metrics of the current weights on the eval set.
+
+    Writes `model_dir/eval_<step>.json` and TensorBoard scalars, prints the
+    table, and returns the metrics.
+    """
+    num_replicas = self.strategy.num_replicas_in_sync
+    if self.eval_batch_size % num_replicas:
+      raise ValueError(f"eval_batch_size={self.eval_batch_size} is not a "
+                       f"multiple of the {num_replicas} replicas")
+    dataset = make_eval_dataset(self.eval_file_pattern, self.eval_batch_size,
+                                self.model, self.use_bfloat16)
+    evaluator = coco_evaluator.COCOEvaluator(
+        annotation_file=self.val_json_file,
+        mask_eval_class=self.mask_eval_class)
+    predict = self._predict_fn()
+    step = self.step
+    t = train_loop.Timer()
+    seen = 0
+    for images, labels in dataset:
+      outputs = predict(images, labels["image_info"])
+      outputs = {k: v.numpy() for k, v in outputs.items()}
+      groundtruths = {k: v.numpy() for k, v in labels["groundtruths"].items()}
+      evaluator.update(outputs, groundtruths)
+      seen += int((groundtruths["source_id"] >= 0).sum())
+      if self.eval_samples and seen >= self.eval_samples:
+        break
+    predict_seconds = t.elapsed()
+    metrics = evaluator.evaluate()
+    metrics["predict_seconds"] = predict_seconds
+    metrics["num_images"] = evaluator.num_images
+    metrics["step"] = step
+    self.print_fn(f"Evaluation at step {step} ({evaluator.num_images} images, "
+                  f"predict {predict_seconds:.1f} s, COCOeval "
+                  f"{metrics.get('eval_seconds', 0.0):.1f} s):\n"
+                  + coco_evaluator.format_metrics_table(metrics))
+    if self.chief:
+      _write_json_atomic(os.path.join(self.model_dir, f"eval_{step}.json"),
+                         metrics)
+      writer = tf.summary.create_file_writer(
+          os.path.join(self.model_dir, "eval"))
+      with writer.as_default(step=step):
+        for k, v in metrics.items():
+          if isinstance(v, (int, float)) and k != "step":
+            tf.summary.scalar(f"eval/{k}", v)
+      writer.flush()
+    return metrics
+
+  def restore(self, checkpoint_path):
+    """Loads a training checkpoint's weights (for evaluation)."""
+    self.checkpoint.restore(checkpoint_path).expect_partial()
+    return self.step
+
+  @property
+  def trained_steps(self):
+    return self._trained_steps
+
+  @property
+  def train_images_per_second(self):
+    if not self._train_seconds:
+      return 0.0
+    return self._trained_steps * self.train_batch_size / self._train_seconds

@@ -1,0 +1,88 @@
+"""`train.py --mode=train|eval|train_and_eval`."""
+
+import time
+
+import tensorflow as tf
+
+from official_shapemask.training import experiment
+
+
+def _report_time(exp, print_fn):
+  wall = exp.close()
+  print_fn(f"Training time (strategy start to shutdown): {wall / 60:.2f} min "
+           f"({wall:.1f} s); {exp.trained_steps} steps trained at "
+           f"{exp.train_images_per_second:.2f} images/s")
+  return wall
+
+
+def train(exp, print_fn=print):
+  """Trains to total_steps, checkpointing; prints the seed's timing."""
+  try:
+    exp.start("train")
+    losses = exp.train()
+  except BaseException:
+    exp.close()
+    raise
+  wall = _report_time(exp, print_fn)
+  return {"step": exp.step, "losses": losses, "wall_seconds": wall,
+          "images_per_second": exp.train_images_per_second,
+          "checkpoint": exp.manager.latest_checkpoint}
+
+
+def train_and_eval(exp, print_fn=print):
+  """Alternates training and evaluation every `eval_every` steps."""
+  try:
+    exp.start("train_and_eval")
+    metrics = None
+    while exp.step < exp.total_steps:
+      boundary = (exp.step // exp.eval_every + 1) * exp.eval_every
+      exp.train(min(boundary, exp.total_steps))
+      if exp.step < exp.total_steps:
+        exp.evaluate()
+    metrics = exp.evaluate()  # Once more at the end.
+  except BaseException:
+    exp.close()
+    raise
+  wall = _report_time(exp, print_fn)
+  return {"step": exp.step, "metrics": metrics, "wall_seconds": wall}
+
+
+def evaluate(exp, eval_timeout=0, print_fn=print):
+  """Evaluates the latest checkpoint, or each new one until the timeout."""
+  results = []
+  try:
+    exp.start("eval")
+    if not eval_timeout:
+      latest = tf.train.latest_checkpoint(exp.model_dir)
+      if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {exp.model_dir}")
+      exp.restore(latest)
+      results.append(exp.evaluate())
+    else:
+      for path in tf.train.checkpoints_iterator(exp.model_dir,
+                                                timeout=eval_timeout):
+        exp.restore(path)
+        results.append(exp.evaluate())
+        if exp.step >= exp.total_steps:
+          break
+      if not results:
+        print_fn(f"no checkpoint appeared in {exp.model_dir} within "
+                 f"{eval_timeout} s")
+  finally:
+    exp.close()
+  return results
+
+
+def run(mode, model_dir, strategy_name="one_device", tpu=None, eval_timeout=0,
+        print_fn=print):
+  """Runs one mode of train.py with the parsed gin configuration."""
+  exp = experiment.Experiment(model_dir, strategy_name=strategy_name, tpu=tpu,
+                              print_fn=print_fn)
+  start = time.time()
+  if mode == "train":
+    return train(exp, print_fn)
+  if mode == "train_and_eval":
+    return train_and_eval(exp, print_fn)
+  if mode == "eval":
+    return evaluate(exp, eval_timeout, print_fn)
+  raise ValueError(f"unknown mode {mode!r} (after {time.time() - start:.0f} s)")

@@ -1,0 +1,64 @@
+"""Train and evaluate ShapeMask.
+
+  python train.py --gin_file=shapemask_r101.gin \
+      --gin_bindings="TRAIN_FILE_PATTERN='gs://bucket/coco/train-*'" \
+      --model_dir=gs://bucket/shapemask --mode=train --strategy=tpu --tpu=NAME
+
+Short gin names are looked up in gin/; paths work too. See README.md for the
+seed's commands and their equivalents.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+_GIN_FILES = flags.DEFINE_multi_string(
+    "gin_file", [], "gin config file; repeatable, later files override "
+    "earlier ones. A short name such as shapemask_r101.gin is found in gin/.")
+_BINDINGS = flags.DEFINE_multi_string(
+    "gin_bindings", [], "a gin binding 'NAME=VALUE' applied after the files; "
+    "repeatable, e.g. --gin_bindings=\"TRAIN_FILE_PATTERN='data/train-*'\".")
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "directory for checkpoints, config.gin, TensorBoard "
+    "logs and eval_<step>.json results (local or gs://).")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "train_and_eval"],
+    "train: train to the configured total steps (resuming from model_dir); "
+    "eval: evaluate the latest checkpoint once, or each new one while "
+    "--eval_timeout allows; train_and_eval: alternate training and "
+    "evaluation on the gin-set interval, and evaluate once more at the end.")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy", "one_device", ["tpu", "mirrored", "multi_worker",
+                               "one_device"],
+    "tf.distribute strategy: tpu (TPUStrategy, --tpu), mirrored (local "
+    "GPUs), multi_worker (MultiWorkerMirrored, reads TF_CONFIG), one_device.")
+_TPU = flags.DEFINE_string(
+    "tpu", None, "TPU name or grpc:// address for --strategy=tpu "
+    "(empty on a TPU VM).")
+_EVAL_TIMEOUT = flags.DEFINE_integer(
+    "eval_timeout", 0, "--mode=eval: seconds to keep waiting for a new "
+    "checkpoint after the last evaluation; 0 evaluates the latest once.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _MODEL_DIR.value:
+    raise app.UsageError("--model_dir is required")
+  if not _GIN_FILES.value:
+    raise app.UsageError("give at least one --gin_file")
+  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import gin_utils
+  gin_utils.parse_config(_GIN_FILES.value, _BINDINGS.value)
+  from official_shapemask.training import modes
+  modes.run(mode=_MODE.value, model_dir=_MODEL_DIR.value,
+            strategy_name=_STRATEGY.value, tpu=_TPU.value,
+            eval_timeout=_EVAL_TIMEOUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
