@@ -1,13 +1,24 @@
-"""tf.distribute strategy factory.
+"""tf.distribute strategy factory and replica-consistent model state.
 
 `tpu` initialises the TPU system (the seed's training time starts there);
-`mirrored` uses the local GPUs (or the CPU); `multi_worker` reads TF_CONFIG;
-`one_device` runs on one device.
+`mirrored` uses the local GPUs, or every logical CPU device when there is no
+GPU; `multi_worker` reads TF_CONFIG; `one_device` runs on one device.
+
+Keras 3 creates its non-trainable state (BatchNorm moving mean and variance)
+with `aggregation="none"`. Under a multi-replica strategy such a
+`MirroredVariable` assigned in replica context updates only the copy of the
+replica that computed the value, so after one step every replica holds other
+moving statistics (keras-team/keras#20601), and the checkpoint keeps replica
+0's. `replica_consistent_state()` gives those variables `MEAN` aggregation:
+each assignment is averaged over the replicas and written to every copy, as
+tf_keras did.
 """
 
+import contextlib
 import json
 import os
 
+import keras
 import tensorflow as tf
 
 STRATEGIES = ("tpu", "mirrored", "multi_worker", "one_device")
@@ -33,7 +44,10 @@ def build_strategy(name="one_device", tpu=None, device=None):
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   if name == "mirrored":
-    return tf.distribute.MirroredStrategy()
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if not devices:  # Several logical CPUs only when configured so.
+      devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices)
   if name == "multi_worker":
     if "TF_CONFIG" not in os.environ:
       raise ValueError("--strategy=multi_worker needs the TF_CONFIG "
@@ -46,6 +60,36 @@ def build_strategy(name="one_device", tpu=None, device=None):
   if device is None:
     device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
   return tf.distribute.OneDeviceStrategy(device)
+
+
+@contextlib.contextmanager
+def replica_consistent_state():
+  """Variables created here: non-trainable float state gets MEAN aggregation.
+
+  Use inside `strategy.scope()` around the model build. Trainable variables
+  (updated by the optimizer from all-reduced gradients) and variables that
+  already name an aggregation are left alone.
+  """
+
+  def creator(next_creator, **kwargs):
+    dtype = kwargs.get("dtype")
+    floating = dtype is None or tf.as_dtype(dtype).is_floating
+    aggregation = kwargs.get("aggregation")
+    if (not kwargs.get("trainable", True) and floating and
+        aggregation in (None, tf.VariableAggregation.NONE)):
+      kwargs["aggregation"] = tf.VariableAggregation.MEAN
+    return next_creator(**kwargs)
+
+  with tf.variable_creator_scope(creator):
+    yield
+
+
+def per_replica_values(variable):
+  """The copies of a (Keras or tf) variable, one per local replica."""
+  if isinstance(variable, keras.Variable):
+    variable = variable.value  # The backing tf.Variable.
+  values = getattr(variable, "values", None)
+  return list(values) if values is not None else [variable]
 
 
 def shutdown(strategy):
