@@ -1,15 +1,28 @@
 """Checkpoint paths and partial restore for fine-tuning.
 
-Training checkpoints are `tf.train.Checkpoint(model=..., optimizer=...)`.
-A TensorFlow checkpoint stores each variable once, under the shortest path
-through the object graph, so the key of a variable depends on what else was
-saved. Partial restore therefore walks the checkpoint's own object graph
-along the model's attribute path (`model/backbone/...`) to find each
-variable, and compares shapes before assigning.
+Two sources initialise a model (`Experiment.init_checkpoint`):
+
+* A ShapeMask training checkpoint, `tf.train.Checkpoint(model=...,
+  optimizer=...)` (prefix or model directory). A TensorFlow checkpoint stores
+  each variable once, under the shortest path through the object graph, so
+  the key of a variable depends on what else was saved. Partial restore
+  therefore walks the checkpoint's own object graph along the model's
+  attribute path (`model/backbone/...`) to find each variable, and compares
+  shapes before assigning: variables whose shape differs (class-dependent
+  layers after a change of `num_classes`) are skipped and reported.
+* A Keras weights file (`*.weights.h5`): the Keras 3 weights layout of a
+  `keras.Model` whose attribute `backbone` is our ResNet (write one with
+  `save_backbone_weights`), or of a whole `ShapeMaskModel.save_weights` file,
+  whose `backbone/` and `decoder/` groups have the same layout. It
+  initialises `backbone` or `backbone_fpn`; Keras checks names and shapes
+  and any mismatch (another depth or width) fails naming the file.
 """
 
 import dataclasses
+import os
+import uuid
 
+import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
@@ -88,8 +101,104 @@ def _checkpoint_keys_by_path(path):
   return reader, found
 
 
+KERAS_WEIGHTS_SUFFIX = ".weights.h5"
+
+
+def is_keras_weights_file(path):
+  return str(path).endswith(KERAS_WEIGHTS_SUFFIX)
+
+
+class _ModuleWeights(keras.Model):
+  """A keras.Model holding model parts under their ShapeMask attribute names.
+
+  Its weights file has the layout of the same groups in a whole
+  `ShapeMaskModel.save_weights` file (`backbone/...`, `decoder/...`).
+  """
+
+  def __init__(self, **modules):
+    super().__init__(name="shapemask_modules")
+    for name, layer in modules.items():
+      setattr(self, name, layer)
+    self.built = True
+
+
+def save_backbone_weights(model_or_backbone, path):
+  """Writes a Keras ResNet weights file (`*.weights.h5`) atomically.
+
+  Args:
+    model_or_backbone: a `ShapeMaskModel` (its backbone is written) or a
+      built ResNet backbone.
+    path: destination ending in `.weights.h5`.
+
+  Returns:
+    `path`.
+  """
+  if not is_keras_weights_file(path):
+    raise ValueError(f"a Keras weights file must end in "
+                     f"{KERAS_WEIGHTS_SUFFIX}: {path}")
+  backbone = getattr(model_or_backbone, "backbone", model_or_backbone)
+  directory = os.path.dirname(os.path.abspath(path))
+  tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}{KERAS_WEIGHTS_SUFFIX}")
+  try:
+    _ModuleWeights(backbone=backbone).save_weights(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def restore_keras_weights(model, path, modules="backbone", print_fn=print):
+  """Initialises the backbone (and FPN) from a Keras `*.weights.h5` file.
+
+  Args:
+    model: a built `ShapeMaskModel`.
+    path: the weights file (see the module docstring for its layout).
+    modules: `backbone` or `backbone_fpn`.
+    print_fn: where the restored table goes (None = silent).
+
+  Returns:
+    a `RestoreReport` (every variable of the modules restored).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: naming the file, for `modules='all'` or when the file's
+      layout or shapes do not match the model's modules.
+  """
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"Keras weights file not found: {path}")
+  if modules not in ("backbone", "backbone_fpn"):
+    raise ValueError(
+        f"init_checkpoint_modules={modules!r}: the Keras weights file {path} "
+        "initialises 'backbone' or 'backbone_fpn'; use a ShapeMask training "
+        "checkpoint for 'all'")
+  names = MODULES[modules]
+  holder = _ModuleWeights(**{n: getattr(model, n) for n in names})
+  try:
+    holder.load_weights(path)
+  except ValueError as e:
+    raise ValueError(
+        f"Keras weights file {path} does not match the model's {modules} "
+        f"(backbone {model.backbone.get_config().get('depth')}-deep): "
+        f"{str(e).splitlines()[0]}") from e
+  report = RestoreReport(restored=[], skipped=[])
+  for var_path, variable in model_variable_paths(model).items():
+    if var_path.split("/")[1] in names:
+      report.restored.append((var_path, tuple(variable.shape)))
+  if print_fn is not None:
+    print_fn(f"Restored from {path} (modules={modules}):\n" + report.table())
+  return report
+
+
 def resolve_checkpoint(path):
-  """A checkpoint prefix from a file prefix or a model directory."""
+  """A checkpoint prefix from a file prefix or a model directory.
+
+  A Keras weights file (`*.weights.h5`) resolves to itself.
+  """
+  if is_keras_weights_file(path):
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(f"Keras weights file not found: {path}")
+    return path
   if tf.io.gfile.isdir(path):
     latest = tf.train.latest_checkpoint(path)
     if latest is None:
@@ -103,7 +212,7 @@ def resolve_checkpoint(path):
 def restore_partial(model, checkpoint_path, modules="all", print_fn=print):
   """Restores matching variables of `model` from a ShapeMask checkpoint.
 
-  Variables whose shape differs (e.g. class-dependent layers when the number
+  A `*.weights.h5` path goes to `restore_keras_weights`. Variables whose shape differs (e.g. class-dependent layers when the number
   of classes changed) or that the checkpoint lacks are skipped and reported.
 
   Args:
@@ -118,6 +227,8 @@ def restore_partial(model, checkpoint_path, modules="all", print_fn=print):
   if modules not in MODULES:
     raise ValueError(f"init_checkpoint_modules={modules!r} is not one of "
                      f"{sorted(MODULES)}")
+  if is_keras_weights_file(checkpoint_path):
+    return restore_keras_weights(model, checkpoint_path, modules, print_fn)
   checkpoint_path = resolve_checkpoint(checkpoint_path)
   reader, keys = _checkpoint_keys_by_path(checkpoint_path)
   wanted = MODULES[modules]
