@@ -52,12 +52,19 @@ def main(argv):
   if not _GIN_FILES.value:
     raise app.UsageError("give at least one --gin_file")
   # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import experiment
   from official_shapemask.training import gin_utils
-  gin_utils.parse_config(_GIN_FILES.value, _BINDINGS.value)
   from official_shapemask.training import modes
-  modes.run(mode=_MODE.value, model_dir=_MODEL_DIR.value,
-            strategy_name=_STRATEGY.value, tpu=_TPU.value,
-            eval_timeout=_EVAL_TIMEOUT.value)
+  from official_shapemask.training import train_loop
+  try:
+    gin_utils.parse_config(_GIN_FILES.value, _BINDINGS.value)
+    modes.run(mode=_MODE.value, model_dir=_MODEL_DIR.value,
+              strategy_name=_STRATEGY.value, tpu=_TPU.value,
+              eval_timeout=_EVAL_TIMEOUT.value)
+  except (gin_utils.ConfigError, experiment.InvalidInputError,
+          train_loop.NonFiniteLossError) as e:
+    # Configuration and input errors, and a diverged run: one clear line.
+    sys.exit(f"train.py: error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,29 @@
-"""gin helpers: short config names, parsing, and the operative config."""
+"""gin helpers: short config names, parsing, and the operative config.
 
+`parse_config` fails before anything starts, naming the culprit, on an
+unknown gin file, an unknown configurable or parameter (gin's own check, once
+every configurable module is imported), a macro that is bound but never used
+(a misspelt `--gin_bindings="TOTAL_STEP=10"` would otherwise be ignored) and a
+macro that is used but never defined.
+"""
+
+import contextlib
+import logging
 import os
 import uuid
 
 import gin
+from gin import config as gin_config
 import tensorflow as tf
 
 REPO_GIN_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
         __file__)))), "gin")
+_MACRO = "gin.macro"
+
+
+class ConfigError(ValueError):
+  """A gin file or binding is unknown, misspelt or incomplete."""
 
 
 def find_gin_file(name, search_dirs=(REPO_GIN_DIR,)):
@@ -22,7 +37,7 @@ def find_gin_file(name, search_dirs=(REPO_GIN_DIR,)):
   for candidate in candidates:
     if os.path.isfile(candidate):
       return os.path.abspath(candidate)
-  raise FileNotFoundError(
+  raise ConfigError(
       f"gin file {name!r} not found (looked in the working directory and "
       f"{', '.join(search_dirs)})")
 
@@ -40,14 +55,74 @@ def register_configurables():
   from official_shapemask.training import schedules  # noqa: F401
 
 
+class _DropIncludeProbe(logging.Filter):
+  """gin logs an error for every include before it tries the search path."""
+
+  def filter(self, record):
+    return record.msg not in ("Path not found: %s",
+                              "system_path_file_exists:%s")
+
+
+@contextlib.contextmanager
+def _quiet_include_probe():
+  flt = _DropIncludeProbe()
+  logging.getLogger().addFilter(flt)
+  try:
+    yield
+  finally:
+    logging.getLogger().removeFilter(flt)
+
+
+def _macro_references(value, out):
+  """Adds the macro names referenced inside a bound value to `out`."""
+  if isinstance(value, gin_config.ConfigurableReference):
+    selector = value.scoped_selector
+    if selector.endswith("/" + _MACRO):
+      out.add(selector[:-len(_MACRO) - 1])
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      _macro_references(v, out)
+  elif isinstance(value, dict):
+    for v in value.values():
+      _macro_references(v, out)
+
+
+def check_macros():
+  """Raises ConfigError for macros bound but unused, or used but unbound."""
+  defined, used = set(), set()
+  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    if selector == _MACRO:
+      defined.add(scope)
+    for value in params.values():
+      _macro_references(value, used)
+  unused = sorted(defined - used)
+  undefined = sorted(used - defined)
+  if undefined:
+    raise ConfigError(f"gin macro(s) used but never bound: "
+                      f"{', '.join(undefined)}")
+  if unused:
+    raise ConfigError(f"unknown gin macro(s) {', '.join(unused)}: bound but "
+                      "used by no configurable (misspelt?)")
+
+
 def parse_config(gin_files=(), gin_bindings=(), search_dirs=(REPO_GIN_DIR,)):
-  """Parses gin files (short names allowed) and bindings."""
+  """Parses gin files (short names allowed) and bindings.
+
+  Raises:
+    ConfigError: naming the file, configurable, parameter or macro.
+  """
   register_configurables()
   files = [find_gin_file(f, search_dirs) for f in gin_files]
   for directory in search_dirs:
-    gin.add_config_file_search_path(directory)
-  gin.parse_config_files_and_bindings(files, list(gin_bindings),
-                                      finalize_config=False)
+    if directory not in gin_config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(directory)
+  try:
+    with _quiet_include_probe():
+      gin.parse_config_files_and_bindings(files, list(gin_bindings),
+                                          finalize_config=False)
+  except (ValueError, IOError) as e:
+    raise ConfigError(str(e)) from None
+  check_macros()
   return files
 
 
