@@ -7,6 +7,7 @@ trains with periodic checkpoints, evaluates, and shuts the strategy down (the
 time ends there).
 """
 
+import inspect
 import json
 import math
 import os
@@ -35,43 +36,57 @@ def _write_json_atomic(path, data):
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+class InvalidInputError(ValueError):
+  """A setting names a file that is missing or does not fit the model."""
+
+
 def _require_files(pattern, setting):
   if not pattern:
-    raise ValueError(f"{setting} is not set")
+    raise InvalidInputError(f"{setting} is not set")
   matches = tf.io.gfile.glob(pattern)
   if not matches:
-    raise FileNotFoundError(f"{setting}={pattern!r} matches no file")
+    raise InvalidInputError(f"{setting}={pattern!r} matches no file")
   return matches
 
 
-def _bound_value(name):
-  """The value bound to `configurable.param`, following macros."""
-  try:
-    value = gin.query_parameter(name)
-    for _ in range(32):
-      if not isinstance(value, gin.config.ConfigurableReference):
-        break
-      macro = value.scoped_selector
-      if not macro.endswith("/gin.macro"):
-        return None  # A configurable reference, not a plain value.
-      value = gin.query_parameter("%" + macro[:-len("/gin.macro")])
-    return value
-  except ValueError:
-    return None
+def _model_setting(name):
+  """`build_shapemask_model`'s effective argument `name` (gin or default)."""
+  bindings = gin.get_bindings(factory.build_shapemask_model)
+  if name in bindings:
+    return bindings[name]
+  return inspect.signature(
+      factory.build_shapemask_model).parameters[name].default
 
 
 def validate_inputs(mode, train_file_pattern, eval_file_pattern,
                     init_checkpoint):
-  """Fails fast, naming the path, before the strategy starts."""
+  """Fails fast, naming the path, before the strategy starts.
+
+  Checks the data patterns of `mode`, the shape-prior file (readable, class
+  count equal to the model's `num_classes`) and the init checkpoint.
+
+  Raises:
+    InvalidInputError: naming the setting and the path.
+  """
   if mode in ("train", "train_and_eval"):
     _require_files(train_file_pattern, "train_file_pattern")
   if mode in ("eval", "train_and_eval"):
     _require_files(eval_file_pattern, "eval_file_pattern")
-  prior_path = _bound_value("build_shapemask_model.shape_prior_path")
-  if prior_path and not tf.io.gfile.exists(prior_path):
-    raise FileNotFoundError(f"shape_prior_path={prior_path!r} does not exist")
+  prior_path = _model_setting("shape_prior_path")
+  if prior_path:
+    if not tf.io.gfile.exists(prior_path):
+      raise InvalidInputError(
+          f"shape_prior_path={prior_path!r} does not exist")
+    try:
+      factory.load_priors(prior_path, _model_setting("num_classes"),
+                          _model_setting("use_category_for_mask"))
+    except ValueError as e:  # Names the path and both class counts.
+      raise InvalidInputError(str(e)) from None
   if init_checkpoint:
-    checkpoints.resolve_checkpoint(init_checkpoint)
+    try:
+      checkpoints.resolve_checkpoint(init_checkpoint)
+    except FileNotFoundError as e:
+      raise InvalidInputError(f"init_checkpoint: {e}") from None
 
 
 def model_input_settings(model):
@@ -214,7 +229,9 @@ class Experiment:
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if self.use_bfloat16 else "float32")
     with self.strategy.scope():
-      self.model = factory.build_shapemask_model()
+      # MEAN-aggregated BN moving statistics: identical on every replica.
+      with strategies.replica_consistent_state():
+        self.model = factory.build_shapemask_model()
       self.optimizer = build_momentum_optimizer()
       self.optimizer.build(self.model.trainable_variables)
       self.checkpoint = tf.train.Checkpoint(model=self.model,
@@ -252,15 +269,31 @@ class Experiment:
     return self.timer.elapsed() if self.timer else 0.0
 
   # --------------------------------------------------------------- training
+  def train_dataset_fn(self):
+    """The `distribute_datasets_from_function` callable of the train set."""
+    return make_train_dataset_fn(self.train_file_pattern,
+                                 self.train_batch_size, self.model,
+                                 self.use_bfloat16, self.deterministic_input)
+
+  def _weights_finite(self):
+    return all(bool(tf.reduce_all(tf.math.is_finite(v.value)))
+               for v in self.model.trainable_variables)
+
   def train(self, until_step=None):
-    """Trains to `until_step` (default total_steps), checkpointing."""
+    """Trains to `until_step` (default total_steps), checkpointing.
+
+    Raises:
+      train_loop.NonFiniteLossError: a loss (or, at a checkpoint, a weight)
+        became NaN or infinite; names the step. Nothing from that loop is
+        saved, so the latest checkpoint is the last good one.
+    """
     until_step = min(until_step or self.total_steps, self.total_steps)
     if self._loop is None:
       dataset = self.strategy.distribute_datasets_from_function(
-          make_train_dataset_fn(self.train_file_pattern,
-                                self.train_batch_size, self.model,
-                                self.use_bfloat16, self.deterministic_input))
+          self.train_dataset_fn())
       self._iterator = iter(dataset)
+      if self.chief:  # Again: now it also holds the input parser's settings.
+        gin_utils.write_operative_config(self.model_dir)
       self._loop = train_loop.TrainLoop(
           self.strategy, self.model, self.optimizer,
           gradient_clip_norm=self.gradient_clip_norm,
@@ -277,14 +310,24 @@ class Experiment:
       t = train_loop.Timer()
       losses = self._loop.run(self._iterator, num)
       seconds = t.elapsed()
+      bad_step = self._loop.nonfinite_step
+      if bad_step is not None:
+        raise train_loop.NonFiniteLossError(
+            f"non-finite loss at step {bad_step} "
+            f"({train_loop.format_losses(self._loop.nonfinite_losses)}); "
+            "training stopped, the last good checkpoint is kept: "
+            f"{self.manager.latest_checkpoint}")
       step = self.step
-      train_loop.check_finite(losses, step)
       self._trained_steps += num
       self._train_seconds += seconds
       self._logger.log(step, losses,
                        train_loop.current_learning_rate(self.optimizer),
                        seconds, num)
       if step % self.checkpoint_every == 0 or step >= until_step:
+        if not self._weights_finite():
+          raise train_loop.NonFiniteLossError(
+              f"non-finite weights after step {step}; training stopped, the "
+              f"last good checkpoint is kept: {self.manager.latest_checkpoint}")
         self.manager.save(checkpoint_number=step)
     return losses
 

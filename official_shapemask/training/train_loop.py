@@ -4,10 +4,10 @@ One `tf.function` runs `steps_per_loop` steps per call (the seed's
 `iterations_per_loop`): each step calls `strategy.run` on the replica step,
 which runs the model and the same `compute_losses` that `model.fit` uses,
 scales the loss once by `1 / num_replicas_in_sync` (the Keras 3 optimizer
-all-reduces gradients with SUM) and applies SGD.
+all-reduces gradients with SUM) and applies SGD. The loop stops at the first
+step whose mean total loss is NaN or infinite and reports that step.
 """
 
-import math
 import time
 
 import keras
@@ -42,6 +42,8 @@ class TrainLoop:
     self.gradient_clip_norm = float(gradient_clip_norm)
     self.jit_compile = bool(jit_compile)
     self._loop_fn = None
+    self.nonfinite_step = None  # Set by `run`: 1-based step of a bad loss.
+    self.nonfinite_losses = None
 
   def replica_step(self, images, labels):
     """One step on one replica; returns its float32 losses."""
@@ -67,33 +69,47 @@ class TrainLoop:
     @tf.function
     def loop(iterator, num_steps):
       sums = {k: tf.constant(0.0) for k in LOSS_KEYS}
+      done = tf.constant(0)
+      bad = {k: tf.constant(0.0) for k in LOSS_KEYS}
+      finite = tf.constant(True)
       for _ in tf.range(num_steps):
         images, labels = next(iterator)
         per_replica = strategy.run(step_fn, args=(images, labels))
-        sums = {
-            k: sums[k] + strategy.reduce(tf.distribute.ReduceOp.MEAN,
-                                         per_replica[k], axis=None)
-            for k in LOSS_KEYS
+        step_losses = {
+            k: strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica[k],
+                               axis=None) for k in LOSS_KEYS
         }
-      n = tf.cast(num_steps, tf.float32)
-      return {k: v / n for k, v in sums.items()}
+        sums = {k: sums[k] + step_losses[k] for k in LOSS_KEYS}
+        done += 1
+        if not tf.math.is_finite(step_losses["total_loss"]):
+          finite = tf.constant(False)
+          bad = step_losses
+          break
+      n = tf.cast(done, tf.float32)
+      return {k: v / n for k, v in sums.items()}, finite, bad
 
     return loop
 
   def run(self, iterator, num_steps):
-    """Runs `num_steps` steps; returns the mean losses as python floats."""
+    """Runs up to `num_steps` steps; returns the mean losses (floats).
+
+    Stops after a step whose total loss is NaN or infinite; then
+    `nonfinite_step` is that step (`optimizer.iterations` after it) and
+    `nonfinite_losses` its losses. Both are None otherwise.
+    """
     if self._loop_fn is None:
       self._loop_fn = self._build()
-    losses = self._loop_fn(iterator, tf.constant(num_steps, tf.int32))
+    losses, finite, bad = self._loop_fn(iterator,
+                                        tf.constant(num_steps, tf.int32))
+    self.nonfinite_step = self.nonfinite_losses = None
+    if not bool(finite):
+      self.nonfinite_step = int(self.optimizer.iterations.numpy())
+      self.nonfinite_losses = {k: float(v) for k, v in bad.items()}
     return {k: float(v) for k, v in losses.items()}
 
 
-def check_finite(losses, step):
-  bad = [k for k, v in losses.items() if not math.isfinite(v)]
-  if bad:
-    raise NonFiniteLossError(
-        f"non-finite {', '.join(bad)} in the loop ending at step {step}; "
-        "training stopped, the last good checkpoint is kept")
+def format_losses(losses):
+  return " ".join(f"{k}={losses[k]:.4f}" for k in LOSS_KEYS if k in losses)
 
 
 class ProgressLogger:
@@ -113,7 +129,7 @@ class ProgressLogger:
     self._history.append(seconds / max(num_steps, 1))
     per_step = float(np.median(self._history[-20:]))
     eta = per_step * max(self.total_steps - step, 0)
-    parts = " ".join(f"{k}={losses[k]:.4f}" for k in LOSS_KEYS if k in losses)
+    parts = format_losses(losses)
     self.print_fn(
         f"step {step}/{self.total_steps} {parts} lr={learning_rate:.5g} "
         f"{images_per_s:.2f} img/s eta {_format_seconds(eta)}", flush=True)
