@@ -237,15 +237,16 @@ def restore_legacy_checkpoint(legacy_model, checkpoint_path):
 
 
 def save_model_weights(model, output_path):
-  """Writes our weights atomically.
+  """Writes our weights atomically; returns the files written.
 
-  `*.weights.h5`: a Keras weights file (loads on every backend, no
-  TensorFlow needed). Anything else: a checkpoint prefix of
-  `tf.train.Checkpoint(model=model)`, what `train.py` reads as
-  `Experiment.init_checkpoint` (partial restore by object path).
+  `*.weights.h5` (recommended): a Keras weights file with every variable;
+  loads on every backend (`model.load_weights`), no TensorFlow needed.
 
-  Returns:
-    the list of files written.
+  Anything else: a `tf.train.Checkpoint(model=model)` prefix. Under Keras 3
+  TensorFlow's object graph does not follow layers held in Python lists or
+  dicts (ResNet blocks, FPN levels, head towers), so such a checkpoint would
+  lack most variables; it is written only when it holds every one of them,
+  otherwise ValueError names the shortfall.
   """
   import os
   import uuid
@@ -261,6 +262,16 @@ def save_model_weights(model, output_path):
     tf.io.gfile.rename(tmp, output_path, overwrite=True)
     return [output_path]
   tf.train.Checkpoint(model=model).write(tmp)
+  saved = [name for name, _ in tf.train.list_variables(tmp)
+           if name.endswith("VARIABLE_VALUE")]
+  if len(saved) < len(model.weights):
+    for leftover in tf.io.gfile.glob(tmp + ".*"):
+      tf.io.gfile.remove(leftover)
+    raise ValueError(
+        f"a tf.train.Checkpoint of this model holds {len(saved)} of its "
+        f"{len(model.weights)} variables (layers kept in lists/dicts are not "
+        f"tracked by TensorFlow under Keras 3); write {output_path}.weights.h5"
+        " instead")
   written = []
   for src in sorted(tf.io.gfile.glob(tmp + ".*")):
     dst = output_path + src[len(tmp):]
@@ -293,12 +304,12 @@ def parity_report(legacy_model, model, images):
   """Runs the port's inference model and ours on the same images.
 
   Compares, in inference mode (batch-norm moving statistics):
-  backbone C3..C5 (the FPN's inputs), FPN P_min..P_max, RetinaNet class and
-  box outputs, and the mask branch (prior, coarse logits, fine logits) run by
-  both on the port's detections (its boxes, outer boxes and classes). Also
-  compares our detections with the port's and `detection_masks`: ours are
-  probabilities, the port's raw fine logits (reference section 12), so the
-  port's are passed through a sigmoid first.
+  backbone C_min..C5 (the FPN's inputs), FPN P_min..P_max, RetinaNet class
+  and box outputs, and the mask branch (prior, coarse logits, fine logits)
+  run by both on the port's detections (its boxes, outer boxes and classes).
+  Also compares our detections with the port's, and `detection_masks`:
+  ours are probabilities, the port's raw fine logits (reference section 12),
+  so the port's go through a sigmoid first.
 
   Args:
     legacy_model: the port's model built in 'predict' mode.
@@ -306,10 +317,12 @@ def parity_report(legacy_model, model, images):
     images: float32 `[B, S, S, 3]`.
 
   Returns:
-    dict name -> relative error (see `relative_error`), plus
-    `detections_matched`: the fraction of the port's valid detections
-    that ours reproduce (same class, box within 1e-3 px, same slot), and
-    `num_port_detections`.
+    dict name -> relative error (see `relative_error`); `fine_mask_logits`
+    covers the instances whose hard coarse masks agree and
+    `fine_mask_threshold_sensitive_instances` counts the others. Also
+    `num_port_detections` and `detections_matched`, the fraction of the
+    port's valid detections that ours reproduce (same slot, same class, box
+    within 1e-3 px).
   """
   import tensorflow as tf
   import tf_keras
@@ -345,11 +358,10 @@ def parity_report(legacy_model, model, images):
     out[f"fpn_P{level}"] = relative_error(
         ops.convert_to_numpy(fpn[str(level)]), port_feats[f"P{level}"])
   cls, box = model.head(fpn, training=False)
-  num_classes = cls.shape[-1]
   out["retinanet_class_outputs"] = relative_error(
       ops.convert_to_numpy(cls),
       _flat_head_outputs(port["cls_outputs"], min_level, max_level,
-                         num_classes))
+                         cls.shape[-1]))
   out["retinanet_box_outputs"] = relative_error(
       ops.convert_to_numpy(box),
       _flat_head_outputs(port["box_outputs"], min_level, max_level, 4))
@@ -361,10 +373,18 @@ def parity_report(legacy_model, model, images):
       fpn, boxes, outer, classes, training=False)
   out["prior_masks"] = relative_error(ops.convert_to_numpy(prior),
                                       port["prior_masks"].numpy())
-  out["coarse_mask_logits"] = relative_error(
-      ops.convert_to_numpy(coarse), port["coarse_mask_logits"].numpy())
+  port_coarse = port["coarse_mask_logits"].numpy()
+  coarse = ops.convert_to_numpy(coarse)
+  out["coarse_mask_logits"] = relative_error(coarse, port_coarse)
+  # The fine head thresholds sigmoid(coarse) at 0.5: a coarse logit within
+  # rounding of 0 can land on the other side in the other model, which
+  # flips a pixel of the hard mask and moves that instance's embedding.
+  # Instances whose hard masks differ are counted, not compared.
+  stable = np.all((coarse > 0) == (port_coarse > 0), axis=(2, 3))
   out["fine_mask_logits"] = relative_error(
-      ops.convert_to_numpy(fine), port["fine_mask_logits"].numpy())
+      ops.convert_to_numpy(fine)[stable],
+      port["fine_mask_logits"].numpy()[stable])
+  out["fine_mask_threshold_sensitive_instances"] = int((~stable).sum())
 
   ours = model({"images": images, "image_info": image_info}, training=False)
   ours = {k: ops.convert_to_numpy(v) for k, v in ours.items()}
@@ -373,10 +393,10 @@ def parity_report(legacy_model, model, images):
   for b in range(batch):
     n = int(port_num[b])
     total += n
-    same = ((ours["detection_classes"][b, :n] == classes[b, :n]) &
-            (np.abs(ours["detection_boxes"][b, :n] - boxes[b, :n]).max(-1)
-             < 1e-3))
-    matched[b, :n] = same
+    matched[b, :n] = (
+        (ours["detection_classes"][b, :n] == classes[b, :n]) &
+        (np.abs(ours["detection_boxes"][b, :n] - boxes[b, :n]).max(-1) <
+         1e-3))
   out["num_port_detections"] = int(total)
   out["detections_matched"] = float(matched.sum() / max(total, 1))
   if matched.any():
