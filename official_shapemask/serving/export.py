@@ -197,15 +197,33 @@ def restore_model(model, checkpoint):
       shape differs (the gin config does not match the training run).
   """
   path = checkpoints.resolve_checkpoint(checkpoint)
+  root = tf.train.Checkpoint(model=model)
   try:
-    status = tf.train.Checkpoint(model=model).restore(path)
+    status = root.restore(path)
     status.expect_partial()  # The optimizer slots are not needed.
     status.assert_existing_objects_matched()
   except (AssertionError, ValueError) as e:
     raise ValueError(
         f'checkpoint {path} does not match the model built from the gin '
         f'config (same gin files and bindings as in training?): {e}') from e
+  untracked = untracked_variables(model)
+  if untracked:
+    raise ValueError(
+        f'{len(untracked)} of {len(model.variables)} model variables are not '
+        f'reachable from the model through tf.train.Checkpoint, so no '
+        f'checkpoint of it holds them and they would keep their initial '
+        f'values (Keras 3 does not checkpoint layers kept in Python lists or '
+        f'dicts), e.g. {", ".join(untracked[:3])}. Refusing to export '
+        f'{path} with uninitialised weights.')
   return path
+
+
+def untracked_variables(model):
+  """Paths of `model` variables that `tf.train.Checkpoint(model=model)`
+  cannot save or restore (not reachable in its object graph)."""
+  reachable = {id(t) for t in tf.train.TrackableView(model).descendants()}
+  return [v.path for v in model.variables
+          if id(v) not in reachable and id(v.value) not in reachable]
 
 
 def _model_metadata(model, batch_size, checkpoint):

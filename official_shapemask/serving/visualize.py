@@ -31,8 +31,10 @@ def draw_detections(image, boxes, classes, scores, masks=None,
   """Returns a copy of `image` with the detections drawn.
 
   Masks are blended with the class colour (`mask_alpha`) and outlined;
-  boxes are drawn as rectangles with a `name: score` tag above the box
-  (inside it when there is no room above).
+  boxes are clipped to the image and drawn as rectangles with a
+  `name: score` tag above the box (inside it when there is no room above);
+  a box entirely outside the image (the model can detect in the padding of
+  its canvas) is not drawn.
 
   Args:
     image: uint8 `[H, W, 3]` RGB.
@@ -84,6 +86,10 @@ def draw_detections(image, boxes, classes, scores, masks=None,
   for box, class_id, score in zip(boxes, classes, scores):
     color = class_color(class_id)
     y0, x0, y1, x1 = (int(round(v)) for v in box)
+    y0, y1 = max(y0, 0), min(y1, height - 1)
+    x0, x1 = max(x0, 0), min(x1, width - 1)
+    if y1 <= y0 or x1 <= x0:
+      continue
     cv2.rectangle(out, (x0, y0), (x1, y1), color, line_width)
     text = _label_text(class_id, float(score), label_map)
     (text_w, text_h), baseline = cv2.getTextSize(text, font, font_scale, 1)
