@@ -23,6 +23,12 @@ LOSS_NAMES = ("cls_loss", "box_loss", "prior_loss", "coarse_loss", "fine_loss",
               "l2_loss")
 
 
+def _is_eval_batch(data):
+  """Whether `data` is an `(images, labels)` batch with `image_info`."""
+  return (isinstance(data, (tuple, list)) and len(data) >= 2 and
+          isinstance(data[1], dict) and "image_info" in data[1])
+
+
 @keras.saving.register_keras_serializable(package="official_shapemask")
 class ShapeMaskModel(keras.Model):
   """ShapeMask instance segmentation model.
@@ -198,9 +204,13 @@ class ShapeMaskModel(keras.Model):
   def predict_step(self, *args):
     # `(images, labels)` batches from the eval parser: predict from the
     # images alone, passing image_info through for the evaluator.
+    # `predict(dataset)` passes such a batch as is; `predict_on_batch(batch)`
+    # wraps it in a 1-tuple `((images, labels),)`.
     *state, data = args
-    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(
-        data[1], dict) and "image_info" in data[1]:
+    if (isinstance(data, (tuple, list)) and len(data) == 1 and
+        _is_eval_batch(data[0])):
+      data = data[0]
+    if _is_eval_batch(data):
       images = data[0]
       if isinstance(images, dict):
         images = images["images"]
