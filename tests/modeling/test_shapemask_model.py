@@ -261,25 +261,29 @@ def test_predictions_on_eval_batches_have_documented_shapes_and_ranges(
     eval_dataset):
   keras.utils.set_random_seed(2)
   model = build_shapemask_model(**TINY)
-  seen = 0
-  for images, labels in eval_dataset.take(2):
-    out = model.predict_on_batch(images)
-    assert "image_info" not in out
+  batches = list(eval_dataset.take(2))
+  per_batch = []
+  for batch in batches:
+    images, labels = batch
+    # A whole eval batch: predicts from the images, passes image_info on.
+    out = model.predict_on_batch(batch)
     _check_predictions(out, images.numpy())
-    seen += 1
-  assert seen == 2
-  # With image_info (dict input, or (images, labels) batches through
-  # predict_step) the image info is passed through for the evaluator.
-  out = model.predict_on_batch({"images": images,
-                                "image_info": labels["image_info"]})
-  np.testing.assert_array_equal(out["image_info"],
-                                labels["image_info"].numpy())
-  _check_predictions(out, images.numpy())
+    np.testing.assert_array_equal(out["image_info"],
+                                  labels["image_info"].numpy())
+    per_batch.append(out)
+  # Images alone: the same detections, no image_info.
+  alone = model.predict_on_batch(images)
+  assert "image_info" not in alone
+  for key in ("detection_boxes", "detection_scores", "detection_masks"):
+    np.testing.assert_allclose(_np(alone[key]), _np(per_batch[-1][key]),
+                               rtol=1e-5, atol=1e-5, err_msg=key)
+  # `predict` over the eval dataset concatenates the same batches.
   full = model.predict(eval_dataset.take(2), verbose=0)
   assert full["detection_masks"].shape == (2 * BATCH, 100, 128, 128)
-  assert full["image_info"].shape == (2 * BATCH, 4, 2)
-  np.testing.assert_allclose(full["detection_boxes"][BATCH:],
-                             out["detection_boxes"], rtol=1e-5, atol=1e-4)
+  for key in ("num_detections", "detection_boxes", "image_info"):
+    want = np.concatenate([_np(out[key]) for out in per_batch])
+    np.testing.assert_allclose(full[key], want, rtol=1e-5, atol=1e-4,
+                               err_msg=key)
 
 
 # ---------------------------------------------------------------------- XLA
