@@ -279,6 +279,14 @@ def test_checkpoint_round_trip_through_the_cli(planted, keras_outputs,
   finally:
     gin.clear_config()
   export.restore_model(fresh, planted["model_dir"])
+  # tools/predict.py --gin_file --checkpoint builds the same way.
+  try:
+    from_checkpoint = predictor_lib.Predictor.from_checkpoint(
+        GIN_FILES, GIN_BINDINGS, planted["model_dir"])
+  finally:
+    gin.clear_config()
+  assert_outputs_close(from_checkpoint.predict_bytes([parsed_val_image[
+      "bytes"]]), keras_outputs)
   # The export CLI from the model directory gives the Keras model's outputs.
   export_dir = tmp_path / "from_checkpoint"
   result = run_tool("export_saved_model.py",

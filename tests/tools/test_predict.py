@@ -1,0 +1,214 @@
+"""tools/predict.py: overlays, COCO results JSON, image ids, errors.
+
+The model is the planted tiny model of tests/serving/test_export.py (it
+detects four boxes with masks above 0.5 on any image), exported with
+`export_saved_model`; the CLI runs on two real coco_tiny160 val images.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from pycocotools import coco as coco_api
+from pycocotools import mask as mask_api
+
+from official_shapemask.evaluation import coco_utils
+from official_shapemask.serving import export
+from official_shapemask.serving import label_map as label_map_lib
+from official_shapemask.serving import predictor as predictor_lib
+from official_shapemask.serving import visualize
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
+                       "serving"))
+import test_export as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+sys.path.insert(0, str(helpers.REPO_ROOT / "tools"))
+import predict as predict_tool  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+IMAGE_IDS = (helpers.VAL_IMAGE_ID, helpers.PORTRAIT_IMAGE_ID)
+THRESHOLD = 0.5
+
+
+def decode(path):
+  return export.decode_image(tf.constant(pathlib.Path(path).read_bytes()))
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+  model = helpers.build_planted_model()
+  export_dir = tmp_path_factory.mktemp("predict_export") / "saved_model"
+  # Dynamic batch size (the CLI's --batch_size=0).
+  export.export_saved_model(model, str(export_dir), batch_size=None)
+  return str(export_dir)
+
+
+@pytest.fixture(scope="module")
+def images_dir(coco_tiny_root, tmp_path_factory):
+  directory = tmp_path_factory.mktemp("images")
+  for image_id in IMAGE_IDS:
+    shutil.copy(helpers.val_image_path(coco_tiny_root, image_id), directory)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def cli_run(saved_model, images_dir, coco_tiny_root, tmp_path_factory):
+  output_dir = tmp_path_factory.mktemp("predictions")
+  annotations = coco_tiny_root / "annotations" / "instances_val2017.json"
+  result = helpers.run_tool(
+      "predict.py", f"--saved_model={saved_model}",
+      f"--images={images_dir}/*.jpg", f"--output_dir={output_dir}",
+      f"--score_threshold={THRESHOLD}", f"--label_map={annotations}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {"output_dir": output_dir, "stdout": result.stdout,
+          "annotations": annotations}
+
+
+@pytest.fixture(scope="module")
+def expected(saved_model, images_dir):
+  """The SavedModel's detections per image, pasted in this process."""
+  predictor = predictor_lib.Predictor.from_saved_model(saved_model)
+  assert predictor.batch_size is None
+  images = [(images_dir / f"{i:012d}.jpg").read_bytes() for i in IMAGE_IDS]
+  # Both images (different sizes) in one call of the dynamic-batch export.
+  outputs = predictor.predict_bytes(images)
+  return {image_id: predictor_lib.image_detections(outputs, i)
+          for i, image_id in enumerate(IMAGE_IDS)}
+
+
+def test_progress_and_files(cli_run):
+  stdout = cli_run["stdout"]
+  assert "image_id from file name stems" in stdout
+  for i, image_id in enumerate(IMAGE_IDS[::-1]):  # Sorted by file name.
+    assert f"[{i + 1}/2] " in stdout and f"{image_id:012d}.jpg" in stdout
+  assert sorted(os.listdir(cli_run["output_dir"])) == sorted(
+      [f"{i:012d}.png" for i in IMAGE_IDS] + ["coco_results.json",
+                                              "image_ids.json"])
+
+
+def test_overlay_size_and_changed_pixels(cli_run, images_dir, expected):
+  for image_id in IMAGE_IDS:
+    original = decode(images_dir / f"{image_id:012d}.jpg").numpy()
+    overlay = decode(cli_run["output_dir"] / f"{image_id:012d}.png").numpy()
+    assert overlay.shape == original.shape
+    detections = expected[image_id]
+    drawn = detections["scores"] >= THRESHOLD
+    assert drawn.sum() >= 1
+    masks = detections["masks"][drawn].any(axis=0)
+    assert masks.sum() > 1000
+    changed = np.any(overlay != original, axis=-1)
+    # Where masks were predicted, the colour is blended in.
+    assert changed[masks].mean() > 0.95
+    # Away from every drawn box, mask and label tag nothing changes.
+    height, width = original.shape[:2]
+    near = masks.copy()
+    for y0, x0, y1, x1 in detections["boxes"][drawn]:
+      near[max(int(y0) - 30, 0):min(int(y1) + 3, height),
+           max(int(x0) - 3, 0):min(int(x1) + 200, width)] = True
+    assert (~near).sum() > 0.1 * height * width
+    assert not changed[~near].any()
+
+
+def test_results_json_loads_in_pycocotools(cli_run, expected):
+  output_dir = cli_run["output_dir"]
+  with open(output_dir / "coco_results.json") as f:
+    results = json.load(f)
+  coco_gt = coco_api.COCO(str(cli_run["annotations"]))
+  coco_dt = coco_gt.loadRes(str(output_dir / "coco_results.json"))
+  assert len(coco_dt.getAnnIds()) == len(results) == sum(
+      len(d["scores"]) for d in expected.values())
+  with open(output_dir / "image_ids.json") as f:
+    ids = json.load(f)
+  assert sorted(ids.values()) == sorted(IMAGE_IDS)
+  for image_id in IMAGE_IDS:
+    mine = [r for r in results if r["image_id"] == image_id]
+    detections = expected[image_id]
+    assert len(mine) == len(detections["scores"])
+    height, width = detections["image_size"]
+    info = coco_gt.imgs[image_id]
+    assert (info["height"], info["width"]) == (height, width)
+    np.testing.assert_allclose(
+        [r["bbox"] for r in mine],
+        coco_utils.yxyx_to_xywh(detections["boxes"]), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose([r["score"] for r in mine],
+                               detections["scores"], rtol=1e-6)
+    assert [r["category_id"] for r in mine] == list(detections["classes"])
+    for result, mask in zip(mine, detections["masks"]):
+      assert result["segmentation"]["size"] == [height, width]
+      np.testing.assert_array_equal(mask_api.decode(result["segmentation"]),
+                                    mask)
+
+
+def test_threshold_above_every_score_draws_nothing(saved_model, images_dir,
+                                                   tmp_path):
+  predictor = predictor_lib.Predictor.from_saved_model(saved_model)
+  lines = []
+  paths = [str(images_dir / f"{IMAGE_IDS[0]:012d}.jpg")]
+  results = predict_tool.run(paths, predictor, str(tmp_path), 1.01, None,
+                             print_fn=lines.append)
+  assert len(results) == 4  # The JSON keeps every valid detection.
+  assert "4 detections, 0 >= 1.01" in "\n".join(lines)
+  overlay = decode(tmp_path / f"{IMAGE_IDS[0]:012d}.png").numpy()
+  np.testing.assert_array_equal(overlay, decode(paths[0]).numpy())
+
+
+def test_image_ids_from_positions_unless_all_stems_are_numbers():
+  assert predict_tool.assign_image_ids(["a/12.jpg", "b/7.png"]) == (
+      [12, 7], "file name stems")
+  ids, rule = predict_tool.assign_image_ids(["x/12.jpg", "x/cat.jpg"])
+  assert ids == [1, 2] and rule == "positions in the sorted file list"
+
+
+def test_input_errors_name_the_file(tmp_path):
+  with pytest.raises(predict_tool.PredictError, match="matched no files"):
+    predict_tool.list_images(str(tmp_path / "*.jpg"))
+  bad = tmp_path / "broken.jpg"
+  bad.write_bytes(b"not an image at all")
+  with pytest.raises(predict_tool.PredictError,
+                     match=f"cannot decode image {bad}"):
+    predict_tool.read_image(str(bad))
+  with pytest.raises(predict_tool.PredictError, match="both be written"):
+    predict_tool.output_names(["a/x.jpg", "b/x.png"])
+
+
+def test_cli_exit_status_on_bad_input(tmp_path):
+  result = helpers.run_tool("predict.py", "--saved_model=/nonexistent",
+                            f"--images={tmp_path}/*.jpg",
+                            f"--output_dir={tmp_path}/out")
+  assert result.returncode == 1
+  assert f"--images='{tmp_path}/*.jpg' matched no files" in result.stderr
+
+
+def test_label_map_formats(tmp_path):
+  as_dict = tmp_path / "a.json"
+  as_dict.write_text(json.dumps({"1": "person", "18": "dog"}))
+  as_coco = tmp_path / "b.json"
+  as_coco.write_text(json.dumps({"categories": [{"id": 1, "name": "person"},
+                                                {"id": 18, "name": "dog"}]}))
+  for path in (as_dict, as_coco):
+    names = label_map_lib.load_label_map(str(path))
+    assert names == {1: "person", 18: "dog"}
+    assert label_map_lib.class_name(names, 3) == "class 3"
+  bad = tmp_path / "c.json"
+  bad.write_text(json.dumps({"person": 1}))
+  with pytest.raises(ValueError, match=str(bad)):
+    label_map_lib.load_label_map(str(bad))
+
+
+def test_draw_detections_blends_masks_and_skips_boxes_outside():
+  image = np.full((120, 160, 3), 100, np.uint8)
+  mask = np.zeros((1, 120, 160), np.uint8)
+  mask[0, 60:90, 40:100] = 1
+  drawn = visualize.draw_detections(image, [[40, 20, 100, 120]], [1], [0.9],
+                                    mask, mask_alpha=0.5)
+  color = np.array(visualize.class_color(1), np.float32)
+  np.testing.assert_array_equal(
+      drawn[75, 70], np.round(100 * 0.5 + color * 0.5).astype(np.uint8))
+  assert (drawn[105:, 130:] == 100).all()
+  assert (drawn[40, 20:121] == visualize.class_color(1)).all()  # Box edge.
+  outside = visualize.draw_detections(image, [[130, 0, 150, 20]], [1], [0.9])
+  np.testing.assert_array_equal(outside, image)
