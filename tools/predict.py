@@ -24,6 +24,11 @@ image_id: the file name's stem as an integer when every matched file's stem
 is a decimal number (COCO names such as 000000532481.jpg -> 532481);
 otherwise the 1-based position of the file in the sorted list of matches.
 
+Errors (exit status 1, the message names the flag or file): --images matching
+no file, an image that cannot be read or decoded (the run stops there; the
+PNGs of earlier images stay, the JSON files are not written), two images
+that would share an output name, a missing or bad --label_map.
+
 --label_map: the converter's {prefix}_label_map.json ({"1": "person"}), a
 COCO annotation JSON, or a [{"id", "name"}] list; without it, classes are
 drawn as "class <id>".
