@@ -29,6 +29,38 @@ def _is_eval_batch(data):
           isinstance(data[1], dict) and "image_info" in data[1])
 
 
+def _nested_items(prefix, value):
+  """(name, item) of the layers and variables inside lists/tuples/dicts."""
+  if isinstance(value, (list, tuple)):
+    for i, item in enumerate(value):
+      yield from _nested_items(f"{prefix}_{i}", item)
+  elif isinstance(value, dict):
+    for key, item in value.items():
+      yield from _nested_items(f"{prefix}_{key}", item)
+  elif isinstance(value, (keras.layers.Layer, keras.Variable)):
+    yield prefix, value
+
+
+def _track_nested_state(model):
+  """Names every layer/variable held in a list or dict for TF's object graph.
+
+  Keras 3 keeps such collections in its own tracker, which TensorFlow's
+  checkpoint graph does not follow: a `tf.train.Checkpoint(model=...)` would
+  silently miss e.g. the ResNet blocks' BN statistics. Each item is added as
+  a dependency named `<attribute>_<index or key>` of the layer holding it.
+  Only runs under the TensorFlow backend (the method is TF's).
+  """
+  for layer in model._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
+    track = getattr(layer, "_track_trackable", None)
+    if track is None:
+      return
+    for attr, value in list(vars(layer).items()):
+      if attr.startswith("_") or not isinstance(value, (list, tuple, dict)):
+        continue
+      for name, item in _nested_items(attr, value):
+        track(item, name=name, overwrite=True)
+
+
 @keras.saving.register_keras_serializable(package="official_shapemask")
 class ShapeMaskModel(keras.Model):
   """ShapeMask instance segmentation model.
@@ -84,6 +116,11 @@ class ShapeMaskModel(keras.Model):
     }
     # Attribute assignment makes Keras track the metrics (reset per epoch).
     self.loss_trackers = list(self._loss_trackers.values())
+
+  def _trackable_children(self, save_type="checkpoint", **kwargs):
+    # Called by TensorFlow when it saves or restores a checkpoint/SavedModel.
+    _track_nested_state(self)
+    return super()._trackable_children(save_type, **kwargs)
 
   def build(self, input_shape=None):
     # Sub-layers build on the first call (static shapes come from the data).

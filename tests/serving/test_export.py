@@ -264,13 +264,6 @@ def test_export_refuses_non_empty_dir(planted, tmp_path):
   assert os.listdir(tmp_path) == ["keep.txt"]
 
 
-@pytest.mark.xfail(
-    raises=ValueError, strict=True,
-    reason="Keras 3 does not put layers kept in Python lists/dicts into "
-    "tf.train.Checkpoint's object graph: a checkpoint of the model holds 24 "
-    "of its 188 variables (BN statistics of the blocks are lost), so "
-    "restore_model refuses it. Remove this mark when checkpoints are "
-    "complete.")
 def test_checkpoint_round_trip_through_the_cli(planted, keras_outputs,
                                                parsed_val_image, tmp_path):
   gin_utils.parse_config(GIN_FILES, GIN_BINDINGS)
@@ -299,15 +292,15 @@ def test_checkpoint_round_trip_through_the_cli(planted, keras_outputs,
   assert_outputs_close(to_numpy(outputs), keras_outputs)
 
 
-def test_untracked_variables_are_reported(planted):
-  # What the xfail above is about, measured: every variable the check
-  # reports is missing from an actual checkpoint of the model, and every
-  # other one is present.
-  untracked = set(export.untracked_variables(planted["model"]))
+def test_checkpoint_holds_every_model_variable(planted):
+  # Keras 3 keeps list/dict-held layers out of TF's object graph unless the
+  # model names them (ShapeMaskModel._trackable_children); a checkpoint must
+  # hold every variable, BN statistics of the ResNet blocks included.
+  assert export.untracked_variables(planted["model"]) == []
   reader = tf.train.load_checkpoint(planted["prefix"])
   saved = {k for k in reader.get_variable_to_shape_map()
            if k.startswith("model/")}
-  assert len(saved) == len(planted["model"].variables) - len(untracked)
+  assert len(saved) == len(planted["model"].variables)
 
 
 def test_cli_errors_name_the_problem(tmp_path):
