@@ -8,6 +8,7 @@ This module imports no TensorFlow at the top level: the JAX subprocess
 imports `TINY` and `synthetic_training_batch` from it with TensorFlow
 blocked.
 """
+import json
 import os
 import pathlib
 import subprocess
@@ -127,6 +128,10 @@ NON_DEFAULT = dict(
     anchor_size=3.0, num_mask_slots=4)
 
 
+def _json(config):
+  return json.loads(json.dumps(config))
+
+
 def _check_round_trip(original, revived, images, labels):
   assert type(revived) is ShapeMaskModel
   assert revived is not original
@@ -140,31 +145,33 @@ def _check_round_trip(original, revived, images, labels):
   assert revived.detection_generator.get_config()["max_num_detections"] == 20
   assert revived.shapemask_loss.get_config()["box_loss_weight"] == 20.0
   # Same weights -> same training outputs, losses and detections.
-  revived_inputs = revived.pack_inputs(images, labels)
-  original_inputs = original.pack_inputs(images, labels)
-  revived(revived_inputs, training=False)  # creates the variables
+  revived(revived.pack_inputs(images, labels), training=False)
   assert len(revived.weights) == len(original.weights)
   revived.set_weights(original.get_weights())
-  got = revived(revived_inputs, training=False)
-  want = original(original_inputs, training=False)
+  _assert_same_outputs(revived, original, images, labels)
+
+
+def _assert_same_outputs(got_model, want_model, images, labels):
+  got = got_model(got_model.pack_inputs(images, labels), training=False)
+  want = want_model(want_model.pack_inputs(images, labels), training=False)
   assert set(got) == set(want)
   for key in want:
     np.testing.assert_allclose(_np(got[key]), _np(want[key]), rtol=1e-5,
                                atol=1e-5, err_msg=key)
-  got_losses = revived.compute_losses(labels, got)
-  want_losses = original.compute_losses(labels, want)
+  got_losses = got_model.compute_losses(labels, got)
+  want_losses = want_model.compute_losses(labels, want)
   for key in LOSS_KEYS:
     np.testing.assert_allclose(_np(got_losses[key]), _np(want_losses[key]),
                                rtol=1e-5, err_msg=key)
-  got = revived(images, training=False)
-  want = original(images, training=False)
-  assert got["detection_masks"].shape == (BATCH, 20, 32, 32)
+  got = got_model(images, training=False)
+  want = want_model(images, training=False)
+  assert got["detection_masks"].shape == want["detection_masks"].shape
   for key in want:
     np.testing.assert_allclose(_np(got[key]), _np(want[key]), rtol=1e-5,
                                atol=1e-5, err_msg=key)
 
 
-def test_config_round_trip_with_non_default_values():
+def test_config_round_trip_with_non_default_values(tmp_path):
   keras.utils.set_random_seed(0)
   model = build_shapemask_model(**NON_DEFAULT)
   # Non-zero priors so the copied `shape_priors` weight matters.
@@ -180,6 +187,15 @@ def test_config_round_trip_with_non_default_values():
   assert serialized["registered_name"] == "official_shapemask>ShapeMaskModel"
   _check_round_trip(model, keras.saving.deserialize_keras_object(serialized),
                     images, labels)
+  # A .keras file restores the architecture and every weight, priors too.
+  path = tmp_path / "shapemask.keras"
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  # (Equal up to JSON's lists for tuples in the sub-layers' build shapes.)
+  assert _json(loaded.get_config()) == _json(model.get_config())
+  np.testing.assert_array_equal(_np(loaded.prior_head.shape_priors),
+                                _np(model.prior_head.shape_priors))
+  _assert_same_outputs(loaded, model, images, labels)
 
 
 # ------------------------------------------------------------- fit, predict
@@ -462,6 +478,7 @@ def test_import_modeling_without_tensorflow():
   assert "IMPORT_OK" in result.stdout
 
 
+@pytest.mark.slow  # ~50 s of CPU: XLA-compiling the JAX train and predict.
 def test_fit_step_and_predict_under_jax_without_tensorflow(tmp_path):
   result = _run_without_tensorflow(_JAX_TRAIN_SCRIPT,
                                    str(tmp_path / "priors.npy"))
