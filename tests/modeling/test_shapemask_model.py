@@ -239,6 +239,17 @@ def test_one_fit_step_on_real_data_uses_compute_losses(train_batch):
   assert any(path.endswith("moving_mean") for path in changed)
   assert model.prior_head.shape_priors.path not in changed
 
+  # `evaluate` runs the same losses with inference-mode batch norm.
+  outputs = model(model.pack_inputs(images, labels), training=False)
+  expected = {k: float(_np(v)) for k, v in
+              model.compute_losses(labels, outputs).items()}
+  results = model.evaluate(_tf_batch_dataset(images, labels), steps=1,
+                           verbose=0, return_dict=True)
+  np.testing.assert_allclose(results["loss"], expected["total_loss"],
+                             rtol=1e-4)
+  np.testing.assert_allclose(results["fine_loss"], expected["fine_loss"],
+                             rtol=1e-4)
+
 
 def _check_predictions(out, images, num_classes=NUM_CLASSES, max_det=100):
   b, s = images.shape[0], images.shape[1]
@@ -338,6 +349,37 @@ def test_train_step_under_xla_gives_the_same_loss_and_gradients(train_batch):
   for v, diff, g_eager in zip(variables, diffs, eager_grads):
     assert float(tf.norm(diff)) <= (1e-2 * float(tf.norm(g_eager)) +
                                     1e-5 * eager_norm), v.path
+
+
+@pytest.mark.slow  # A second XLA compile (~15 s of CPU).
+def test_fit_with_jit_compile_takes_the_same_step(train_batch):
+  # What `fit` does by default on a GPU (jit_compile='auto'): the whole Keras
+  # train step, optimizer and loss trackers included, under XLA.
+  pytest.importorskip("tensorflow")
+  if keras.backend.backend() != "tensorflow":
+    pytest.skip("the XLA check runs with the TensorFlow backend")
+  images, labels = train_batch
+  keras.utils.set_random_seed(5)
+  model = build_shapemask_model(**TINY)
+  initial = model.get_weights()
+  results = []
+  for jit_compile in (False, True):
+    model.set_weights(initial)
+    model.compile(optimizer=keras.optimizers.SGD(0.01),
+                  jit_compile=jit_compile)
+    history = model.fit(_tf_batch_dataset(images, labels), epochs=1,
+                        steps_per_epoch=1, verbose=0)
+    results.append((history.history, model.get_weights()))
+  (plain, plain_weights), (xla, xla_weights) = results
+  for key in ("loss", "cls_loss", "box_loss", "prior_loss", "coarse_loss",
+              "fine_loss", "l2_loss"):
+    np.testing.assert_allclose(xla[key][0], plain[key][0], rtol=2e-4,
+                               err_msg=key)
+  moved = 0
+  for before, got, want in zip(initial, xla_weights, plain_weights):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    moved += not np.array_equal(want, before)
+  assert moved > len(initial) // 2
 
 
 # ------------------------------------------------------------ mixed bfloat16
