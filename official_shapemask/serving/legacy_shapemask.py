@@ -14,22 +14,23 @@ layers, so it can run in a process of its own.
 
 import os
 
-# Settings of the port that differ from ours and that no option changes.
+# How the port differs from ours in a side-by-side benchmark run.
 UNEQUAL_SETTINGS = (
-    "port: global-norm gradient clip 1.0 hard-coded in its train step "
-    "(ours: --clip, default 1.0 in side-by-side runs to match)",
-    "port: SGD momentum 0.9 with Nesterov (config default; ours: set to match "
-    "in side-by-side runs)",
-    "port: the detection generator (top-k + per-class NMS) also runs in its "
-    "training step (ours: not in training)",
+    "port: global-norm gradient clip 1.0 hard-coded in its train step and "
+    "Nesterov momentum (its config default); ours matches both in --peer "
+    "runs (--clip=1 --nesterov=1)",
+    "port: float32 only here; ours may run --precision=mixed_bfloat16",
+    "port: the detection generator (per-class top-k + NMS) also runs in its "
+    "training step; ours does not run it in training",
     "port: the fine head predicts all C mask channels at (m*u)^2 and gathers "
-    "one (ours: only the selected class, fused into the transposed conv)",
-    "port: the coarse head predicts all C channels at m^2 (ours: selected "
-    "class only)",
-    "port: frozen-variable regex freezes the first 11 conv kernels AND 11 "
-    "batch norms (ours: the 11 kernels only)",
+    "one; ours computes only the selected class (fused into the transposed "
+    "conv)",
+    "port: the coarse head predicts all C channels at m^2; ours only the "
+    "selected class",
+    "port: its frozen-variable regex freezes the first 11 conv kernels and "
+    "11 batch norms; ours the 11 kernels only",
     "port: coarse/fine mask losses are Keras BCE with SUM reduction "
-    "(reference section 12), ours elementwise masked CE",
+    "(reference section 12); ours elementwise masked CE",
 )
 
 

@@ -1,0 +1,181 @@
+"""tools/benchmark.py and tools/gpu_benchmark.sh.
+
+Fast: the synthetic JAX batch follows the training-batch contract, gin
+settings reach the model kwargs, failed and timed-out measurements are
+reported without stopping a run, and the GPU script's CPU path (JAX backend,
+the smallest model, no TensorFlow in the measurement processes) produces
+training images/s and inference ms/image. Slow: a side-by-side TensorFlow
+run against tf-models-official's port and the two-worker scaling run, both
+on a tiny model.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tools import benchmark
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _run(args, timeout, env=None):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
+             **(env or {}))
+  proc = subprocess.run(args, capture_output=True, text=True, env=env,
+                        cwd=REPO_ROOT, timeout=timeout, check=False)
+  lines = [json.loads(l) for l in proc.stdout.splitlines()
+           if l.startswith("{")]
+  return proc, lines
+
+
+def test_synthetic_batch_follows_the_training_contract():
+  kwargs = benchmark.model_kwargs("micro")
+  images, labels = benchmark.synthetic_batch(kwargs, batch_size=3, seed=5)
+  size, classes = kwargs["image_size"], kwargs["num_classes"]
+  from official_shapemask.ops import anchors
+  total = anchors.num_anchors((size, size), 3, 5)
+  assert images.shape == (3, size, size, 3) and images.dtype == np.float32
+  cls = labels["cls_targets"]
+  assert cls.shape == (3, total) and cls.dtype == np.int32
+  positive = cls > 0
+  assert set(np.unique(cls[~positive])) <= {-2, -1}
+  assert cls.max() < classes
+  np.testing.assert_array_equal(positive.sum(1), labels["num_positives"])
+  assert labels["box_targets"].shape == (3, total, 4)
+  assert not labels["box_targets"][~positive].any()
+  n, m = kwargs["num_mask_slots"], kwargs["mask_crop_size"]
+  boxes, outer = labels["mask_boxes"], labels["mask_outer_boxes"]
+  assert boxes.shape == outer.shape == (3, n, 4)
+  assert (boxes[..., 2:] > boxes[..., :2]).all()
+  assert (outer >= 0).all() and (outer <= size).all()
+  assert (outer[..., :2] <= boxes[..., :2]).all()
+  assert (outer[..., 2:] >= np.minimum(boxes[..., 2:], size)).all()
+  assert labels["mask_classes"].dtype == np.int32
+  assert labels["mask_classes"].min() >= 1
+  assert labels["mask_targets"].shape == (3, n, m, m)
+  assert labels["fine_mask_targets"].shape == (3, n, 4 * m, 4 * m)
+  assert set(np.unique(labels["fine_mask_targets"])) == {0.0, 1.0}
+  np.testing.assert_array_equal(labels["image_info"][0],
+                                [[size, size], [size, size], [1, 1], [0, 0]])
+
+
+def test_gin_files_set_the_model_kwargs():
+  import gin
+  try:
+    kwargs = benchmark.model_kwargs(
+        None, ["tiny_cpu.gin"], ["IMAGE_SIZE = 256"],
+        overrides={"backbone_depth": 18})
+  finally:
+    gin.clear_config()
+  assert kwargs["image_size"] == 256  # The binding wins over the file.
+  assert kwargs["backbone_depth"] == 18  # The command line wins over gin.
+  assert kwargs["backbone_width_multiplier"] == 0.5
+  assert kwargs["max_level"] == 5 and kwargs["fpn_num_filters"] == 64
+  assert kwargs["norm_momentum"] == 0.9
+  assert "shape_prior_path" not in kwargs
+  with pytest.raises(FileNotFoundError, match="no_such.gin"):
+    benchmark.model_kwargs(None, ["no_such.gin"])
+
+
+def _runner(tmp_path):
+  args = argparse.Namespace(backend="jax", output=str(tmp_path / "o.jsonl"),
+                            barrier_timeout=0)
+  return benchmark.Runner(args, str(tmp_path))
+
+
+def _micro_spec(tmp_path, kind):
+  kwargs = benchmark.model_kwargs("micro")
+  kwargs.pop("num_clusters")
+  prior = benchmark.write_priors(str(tmp_path / "p.npy"), 91, 2, 32)
+  return {"backend": "jax", "config": "micro", "model": kwargs,
+          "batch_size": 1, "precision": "float32", "steps": 1, "warmup": 0,
+          "infer_steps": 1, "prior_path": prior, "kind": kind,
+          "impl": "ours"}
+
+
+def test_a_failed_or_timed_out_measurement_is_recorded(tmp_path):
+  runner = _runner(tmp_path)
+  spec = _micro_spec(tmp_path, "no_such_kind")
+  record = runner.run(spec, timeout=120)
+  assert record["ok"] is False and "no_such_kind" in record["error"]
+  slow = runner.run(_micro_spec(tmp_path, "jax_train"), timeout=2)
+  assert slow["ok"] is False and "timeout 2 s" in slow["error"]
+  lines = (tmp_path / "o.jsonl").read_text().splitlines()
+  assert len(lines) == 2 and all(json.loads(l)["ok"] is False for l in lines)
+
+
+def test_gpu_script_cpu_path(tmp_path):
+  """The GPU script end to end on CPU: JAX backend, micro model."""
+  out = tmp_path / "out"
+  proc, lines = _run(["bash", "tools/gpu_benchmark.sh", "--cpu_smoke"],
+                     timeout=900, env={"PYTHON": sys.executable,
+                                       "OUT": str(out)})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  records = [json.loads(l) for l in
+             (out / "gpu_benchmark.jsonl").read_text().splitlines()]
+  train = {r["batch_size"]: r for r in records
+           if r.get("measure") == "train" and r["impl"] == "ours"}
+  infer = [r for r in records if r.get("measure") == "infer"]
+  assert sorted(train) == [1, 2]
+  for r in train.values():
+    assert r["ok"] and r["backend"] == "jax" and r["images_per_s"] > 0
+    assert r["compile_s"] > 0 and np.isfinite(r["total_loss"])
+  assert len(infer) == 1 and infer[0]["ok"] and infer[0]["ms_per_image"] > 0
+  assert infer[0]["num_detections"] == [20]  # Every slot filled.
+  summary = records[-1]
+  assert summary["summary"] and summary["failed"] == []
+  assert summary["ours_train_images_per_s_b2"] == train[2]["images_per_s"]
+  env = json.loads((out / "environment.json").read_text())
+  assert env["mode"] == "cpu_smoke" and "jax" in env
+  assert (out / "worker_logs.tar.gz").stat().st_size > 0
+  # The table closes the output.
+  assert "images/s" in proc.stdout.splitlines()[-4]
+  if importlib.util.find_spec("torch") is None:
+    assert "torchvision peer skipped" in proc.stderr
+
+
+@pytest.mark.slow
+def test_side_by_side_with_the_model_garden_port(tmp_path):
+  pytest.importorskip("official.legacy.detection.modeling.factory")
+  proc, lines = _run(
+      [sys.executable, "tools/benchmark.py", "--config=tiny", "--peer",
+       "--steps=2", "--warmup=1", "--infer_steps=2", "--timeout=900",
+       f"--workdir={tmp_path}"], timeout=2400)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  measured = [l for l in lines if "measure" in l]
+  assert [(l["impl"], l["measure"]) for l in measured] == [
+      ("ours", "train"), ("peer", "train"), ("ours", "infer"),
+      ("peer", "infer")]
+  assert all(l["ok"] for l in measured)
+  summary = lines[-1]
+  for key in ("train_ratio", "infer_ratio", "ours_peak_gib",
+              "peer_peak_gib"):
+    assert summary[key] > 0, key
+  assert summary["train_ratio"] == pytest.approx(
+      summary["ours_train_step_s"] / summary["peer_train_step_s"], rel=1e-3)
+  assert any("fine head" in s for s in summary["not_equal"])
+  assert summary["ours_settings"] == {"clip": 1.0, "nesterov": True}
+  for l in measured:
+    if l["measure"] == "infer":
+      assert l["num_detections"] == [100, 100]
+
+
+@pytest.mark.slow
+def test_two_workers_on_loopback(tmp_path):
+  proc, lines = _run(
+      [sys.executable, "tools/benchmark.py", "--config=tiny", "--workers=2",
+       "--steps=3", "--warmup=1", "--timeout=900", f"--workdir={tmp_path}"],
+      timeout=2400)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  workers = [l for l in lines if l.get("strategy") == "multi_worker"]
+  assert len(workers) == 2 and all(w["replicas"] == 2 for w in workers)
+  summary = lines[-1]
+  assert summary["measure"] == "scaling" and summary["num_workers"] == 2
+  assert 0 < summary["efficiency"] <= 1.5
+  assert summary["multi_images_per_s"] > 0
