@@ -138,7 +138,8 @@ def save_backbone_weights(model_or_backbone, path):
                      f"{KERAS_WEIGHTS_SUFFIX}: {path}")
   backbone = getattr(model_or_backbone, "backbone", model_or_backbone)
   directory = os.path.dirname(os.path.abspath(path))
-  tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}{KERAS_WEIGHTS_SUFFIX}")
+  tmp = os.path.join(directory,
+                     f".tmp-{uuid.uuid4().hex}{KERAS_WEIGHTS_SUFFIX}")
   try:
     _ModuleWeights(backbone=backbone).save_weights(tmp)
     os.replace(tmp, path)
@@ -212,8 +213,9 @@ def resolve_checkpoint(path):
 def restore_partial(model, checkpoint_path, modules="all", print_fn=print):
   """Restores matching variables of `model` from a ShapeMask checkpoint.
 
-  A `*.weights.h5` path goes to `restore_keras_weights`. Variables whose shape differs (e.g. class-dependent layers when the number
-  of classes changed) or that the checkpoint lacks are skipped and reported.
+  A `*.weights.h5` path goes to `restore_keras_weights`. Variables whose
+  shape differs (e.g. class-dependent layers when the number of classes
+  changed) or that the checkpoint lacks are skipped and reported.
 
   Args:
     model: a built `ShapeMaskModel`.

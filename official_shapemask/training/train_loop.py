@@ -32,6 +32,9 @@ class TrainLoop:
     optimizer: a built `keras.optimizers.Optimizer`.
     gradient_clip_norm: float, global-norm clipping; 0 = none (reference).
     jit_compile: bool, XLA-compile the replica step (what a TPU runs).
+      Not under MirroredStrategy over logical CPU devices: XLA's CPU
+      backend places the compiled step on CPU:0 and cannot read the
+      variables of the other logical devices.
   """
 
   def __init__(self, strategy, model, optimizer, gradient_clip_norm=0.0,
