@@ -12,6 +12,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("QUICKSTART_STEPS", "4")
+  monkeypatch.setenv("QUICKSTART_IMAGES", "24")
   monkeypatch.setenv("QUICKSTART_DIR", str(tmp_path / "quickstart"))
   nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
   client = NotebookClient(nb, timeout=900, kernel_name="python3",
