@@ -20,8 +20,8 @@ UNEQUAL_SETTINGS = (
     "Nesterov momentum (its config default); ours matches both in --peer "
     "runs (--clip=1 --nesterov=1)",
     "port: float32 only here; ours may run --precision=mixed_bfloat16",
-    "port: the detection generator (per-class top-k + NMS) also runs in its "
-    "training step; ours does not run it in training",
+    "port: its training graph contains the detection generator too (pruned "
+    "by TensorFlow: in training its outputs feed no loss)",
     "port: the fine head predicts all C mask channels at (m*u)^2 and gathers "
     "one; ours computes only the selected class (fused into the transposed "
     "conv)",

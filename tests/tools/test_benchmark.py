@@ -110,6 +110,40 @@ def test_a_failed_or_timed_out_measurement_is_recorded(tmp_path):
   assert len(lines) == 2 and all(json.loads(l)["ok"] is False for l in lines)
 
 
+def test_torch_peer_runs_first_then_ours_in_parallel():
+  calls = []
+
+  class FakeRunner:
+
+    def _record(self, spec):
+      measure = spec["kind"].split("_")[1]
+      key = "images_per_s" if measure == "train" else "ms_per_image"
+      return {"ok": True, "measure": measure, "impl": spec["impl"],
+              "batch_size": spec["batch_size"], key: 1.0}
+
+    def run(self, spec, timeout):
+      calls.append(("alone", spec["kind"], spec["batch_size"], timeout))
+      return self._record(spec)
+
+    def run_parallel(self, specs, timeout):
+      calls.append(("parallel", [(s["kind"], s["batch_size"]) for s in specs],
+                    timeout))
+      return [self._record(s) for s in specs]
+
+  args = argparse.Namespace(batch_sizes=[8, 16], infer_batch_size=1,
+                            skip_infer=False, peer=True,
+                            torch_batch_sizes=[8], parallel=True,
+                            timeout=400, precision="mixed_bfloat16")
+  base = {"config": "r101_1024", "model": {"image_size": 1024}}
+  summary = benchmark.run_jax(args, FakeRunner(), base)
+  assert calls[0] == ("alone", "torch_train", 8, 400)
+  assert calls[1][0] == "parallel" and 60 <= calls[1][2] <= 400
+  assert calls[1][1] == [("jax_train", 8), ("jax_train", 16), ("jax_infer", 1)]
+  assert summary["torchvision_train_images_per_s_b8"] == 1.0
+  assert summary["ours_infer_ms_per_image_b1"] == 1.0
+  assert summary["failed"] == []
+
+
 def test_gpu_script_cpu_path(tmp_path):
   """The GPU script end to end on CPU: JAX backend, micro model."""
   out = tmp_path / "out"
