@@ -42,6 +42,7 @@ def build_shapemask_model(num_classes=91,
                           backbone_depth=50,
                           backbone_width_multiplier=1.0,
                           freeze_early_convs=True,
+                          freeze_early_norms=False,
                           min_level=3,
                           max_level=7,
                           fpn_num_filters=256,
@@ -84,6 +85,9 @@ def build_shapemask_model(num_classes=91,
     backbone_depth: ResNet depth (10, 18, 34, 50, 101, 152).
     backbone_width_multiplier: float, scales every backbone filter count.
     freeze_early_convs: bool, freeze the stem + conv2_x conv kernels.
+    freeze_early_norms: bool, also freeze those stages' batch-norm gamma and
+      beta (the Model Garden port's behaviour; the reference keeps them
+      trainable). See `ResNet`.
     min_level, max_level: pyramid levels used (reference 3..7).
     fpn_num_filters: FPN channels (reference 256).
     head_num_convs, head_num_filters: RetinaNet tower depth and width.
@@ -129,7 +133,8 @@ def build_shapemask_model(num_classes=91,
               use_sync_bn=use_sync_bn)
   backbone = resnet.ResNet(depth=backbone_depth,
                            width_multiplier=backbone_width_multiplier,
-                           freeze_early_convs=freeze_early_convs, **norm)
+                           freeze_early_convs=freeze_early_convs,
+                           freeze_early_norms=freeze_early_norms, **norm)
   decoder = fpn.FPN(min_level=min_level, max_level=max_level,
                     num_filters=fpn_num_filters, **norm)
   head = retinanet_head.RetinaNetHead(

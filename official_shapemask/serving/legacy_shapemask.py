@@ -28,7 +28,9 @@ UNEQUAL_SETTINGS = (
     "port: the coarse head predicts all C channels at m^2; ours only the "
     "selected class",
     "port: its frozen-variable regex freezes the first 11 conv kernels and "
-    "11 batch norms; ours the 11 kernels only",
+    "the gamma/beta of their 11 batch norms; the reference freezes the "
+    "kernels only; ours matches the port in --peer runs "
+    "(--freeze_early_norms=1)",
     "port: coarse/fine mask losses are Keras BCE with SUM reduction "
     "(reference section 12); ours elementwise masked CE",
 )

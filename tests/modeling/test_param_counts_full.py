@@ -132,10 +132,11 @@ def _size(variable):
   return int(np.prod(variable.shape))
 
 
-def _ours(depth, prior_path, freeze_early_convs):
+def _ours(depth, prior_path, freeze_early_convs, freeze_early_norms=False):
   model = build_shapemask_model(
       num_classes=NUM_CLASSES, image_size=SIZE, backbone_depth=depth,
-      shape_prior_path=prior_path, freeze_early_convs=freeze_early_convs)
+      shape_prior_path=prior_path, freeze_early_convs=freeze_early_convs,
+      freeze_early_norms=freeze_early_norms)
   parts = {
       part: [sum(_size(v) for v in getattr(model, part).trainable_weights),
              sum(_size(v) for v in getattr(model, part).non_trainable_weights)]
@@ -194,3 +195,9 @@ def test_frozen_variables_versus_legacy_filter(depth, prior_path, legacy):
       sum(int(np.prod(shape)) for _, shape in legacy_frozen))
   trainable = sum(t for t, _ in ours.values())
   assert trainable == legacy_trainable_after_filter + frozen_bn_values
+  # With freeze_early_norms (the benchmark's --peer setting) ours trains
+  # exactly the port's variables.
+  _, ours_port_freeze = _ours(depth, prior_path, freeze_early_convs=True,
+                              freeze_early_norms=True)
+  assert sum(t for t, _ in ours_port_freeze.values()) == (
+      legacy_trainable_after_filter)

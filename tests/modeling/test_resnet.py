@@ -60,6 +60,35 @@ def test_early_conv_kernels_frozen_like_reference():
               if v.path.endswith("kernel")]) == 6
 
 
+def test_freeze_early_norms_like_the_port():
+  """gamma/beta of stem + conv2_x frozen; batch statistics still used."""
+  import tensorflow as tf
+  backbone = ResNet(depth=50, width_multiplier=0.25, freeze_early_norms=True)
+  images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(
+      np.float32)
+  backbone(images)
+  frozen_affine = [v.path for v in backbone.non_trainable_weights
+                   if v.path.endswith(("gamma", "beta"))]
+  # The 11 batch norms after the 11 frozen kernels, 2 variables each.
+  assert len(frozen_affine) == 22
+  assert all("stem" in p or "block_group1_" in p for p in frozen_affine)
+  assert not any("block_group1_" in v.path or "stem" in v.path
+                 for v in backbone.trainable_weights)
+  # Training mode still normalises with batch statistics and updates the
+  # moving averages of the frozen stages.
+  before = np.asarray(backbone.stem.bn.moving_mean).copy()
+  with tf.GradientTape() as tape:
+    feats = backbone(images, training=True)
+    loss = tf.reduce_sum(feats["5"])
+  grads = tape.gradient(loss, backbone.trainable_variables)
+  assert all(g is not None for g in grads)
+  assert not np.allclose(np.asarray(backbone.stem.bn.moving_mean), before)
+  stem_out = np.asarray(backbone.stem(images, training=True))
+  # ReLU(batch-normalised) with beta 0: about half the values are positive.
+  assert 0.3 < (stem_out > 0).mean() < 0.7
+  assert backbone.get_config()["freeze_early_norms"] is True
+
+
 def test_kernel_init_and_batch_norm_settings():
   backbone = ResNet(depth=10)
   backbone(np.zeros((1, 64, 64, 3), np.float32))

@@ -11,6 +11,9 @@ followed by a VALID convolution; stride-1 convolutions use SAME padding.
 import keras
 from keras import ops
 
+from official_shapemask.modeling.layers.batch_norm import BatchNorm
+from official_shapemask.modeling.layers.conv_norm import conv_norm
+
 # depth -> (block type, blocks per group); the reference table.
 RESNET_SPECS = {
     10: ("basic", (1, 1, 1, 1)),
@@ -43,23 +46,29 @@ def _fixed_pad(inputs, kernel_size):
 
 
 class _ConvBN(keras.layers.Layer):
-  """Conv (fixed padding when strided, no bias) + BatchNorm (+ ReLU)."""
+  """Conv (fixed padding when strided, no bias) + BatchNorm (+ ReLU).
+
+  ``conv_trainable=False`` freezes the kernel; ``norm_affine_trainable=False``
+  freezes the batch norm's gamma and beta (the norm still normalises with
+  batch statistics in training and updates its moving averages).
+  """
 
   def __init__(self, filters, kernel_size, strides=1, use_relu=True,
                norm_momentum=0.997, norm_epsilon=1e-4, use_sync_bn=False,
-               conv_trainable=True, **kwargs):
+               conv_trainable=True, norm_affine_trainable=True, **kwargs):
     super().__init__(**kwargs)
     self._config = dict(
         filters=filters, kernel_size=kernel_size, strides=strides,
         use_relu=use_relu, norm_momentum=norm_momentum,
         norm_epsilon=norm_epsilon, use_sync_bn=use_sync_bn,
-        conv_trainable=conv_trainable)
+        conv_trainable=conv_trainable,
+        norm_affine_trainable=norm_affine_trainable)
     self.conv = keras.layers.Conv2D(
         filters, kernel_size, strides=strides,
         padding="same" if strides == 1 else "valid", use_bias=False,
         kernel_initializer=_conv_kernel_initializer(),
         trainable=conv_trainable, dtype=self.dtype_policy, name="conv")
-    self.bn = keras.layers.BatchNormalization(
+    self.bn = BatchNorm(
         momentum=norm_momentum, epsilon=norm_epsilon,
         synchronized=use_sync_bn, dtype=self.dtype_policy, name="bn")
 
@@ -76,6 +85,9 @@ class _ConvBN(keras.layers.Layer):
     padded = self._padded_shape(input_shape)
     self.conv.build(padded)
     self.bn.build(self.conv.compute_output_shape(padded))
+    if not self._config["norm_affine_trainable"]:
+      self.bn.gamma.trainable = False
+      self.bn.beta.trainable = False
 
   def compute_output_shape(self, input_shape):
     return self.conv.compute_output_shape(self._padded_shape(input_shape))
@@ -84,7 +96,7 @@ class _ConvBN(keras.layers.Layer):
     x = inputs
     if self._config["strides"] > 1:
       x = _fixed_pad(x, self._config["kernel_size"])
-    x = self.bn(self.conv(x), training=training)
+    x = conv_norm(self.conv, self.bn, x, training=training)
     if self._config["use_relu"]:
       x = ops.relu(x)
     return x
@@ -103,15 +115,17 @@ class _ResidualBlock(keras.layers.Layer):
 
   def __init__(self, filters, strides, use_projection, bottleneck,
                norm_momentum=0.997, norm_epsilon=1e-4, use_sync_bn=False,
-               conv_trainable=True, **kwargs):
+               conv_trainable=True, norm_affine_trainable=True, **kwargs):
     super().__init__(**kwargs)
     self._config = dict(
         filters=filters, strides=strides, use_projection=use_projection,
         bottleneck=bottleneck, norm_momentum=norm_momentum,
         norm_epsilon=norm_epsilon, use_sync_bn=use_sync_bn,
-        conv_trainable=conv_trainable)
+        conv_trainable=conv_trainable,
+        norm_affine_trainable=norm_affine_trainable)
     common = dict(norm_momentum=norm_momentum, norm_epsilon=norm_epsilon,
                   use_sync_bn=use_sync_bn, conv_trainable=conv_trainable,
+                  norm_affine_trainable=norm_affine_trainable,
                   dtype=self.dtype_policy)
     out_filters = 4 * filters if bottleneck else filters
     self.shortcut = None
@@ -174,6 +188,14 @@ class ResNet(keras.layers.Layer):
       layers stay trainable. Note that setting ``trainable = True`` on a
       parent layer afterwards re-enables them (Keras propagates the flag).
       Default True.
+    freeze_early_norms: bool, also makes gamma and beta of the batch norms
+      of the stem and conv2_x non-trainable (they still use batch
+      statistics in training and update their moving averages). The
+      ShapeMask reference keeps them trainable (False); the Model Garden
+      port freezes them (its regex also matches those batch norms), and so
+      does Detectron2's ``freeze_at``. With True no gradient flows below
+      conv3_x, which saves the backward pass through the highest-resolution
+      stage. Default False.
     norm_momentum: float, BatchNorm momentum. Default 0.997.
     norm_epsilon: float, BatchNorm epsilon. Default 1e-4.
     use_sync_bn: bool, cross-replica BatchNorm. Default False.
@@ -191,7 +213,7 @@ class ResNet(keras.layers.Layer):
 
   def __init__(self, depth=50, width_multiplier=1.0, freeze_early_convs=True,
                norm_momentum=0.997, norm_epsilon=1e-4, use_sync_bn=False,
-               **kwargs):
+               freeze_early_norms=False, **kwargs):
     super().__init__(**kwargs)
     if depth not in RESNET_SPECS:
       raise ValueError(
@@ -203,7 +225,8 @@ class ResNet(keras.layers.Layer):
     self._config = dict(
         depth=depth, width_multiplier=width_multiplier,
         freeze_early_convs=freeze_early_convs, norm_momentum=norm_momentum,
-        norm_epsilon=norm_epsilon, use_sync_bn=use_sync_bn)
+        norm_epsilon=norm_epsilon, use_sync_bn=use_sync_bn,
+        freeze_early_norms=freeze_early_norms)
     block_type, blocks_per_group = RESNET_SPECS[depth]
     norm = dict(norm_momentum=norm_momentum, norm_epsilon=norm_epsilon,
                 use_sync_bn=use_sync_bn, dtype=self.dtype_policy)
@@ -212,8 +235,9 @@ class ResNet(keras.layers.Layer):
       return max(1, int(round(filters * width_multiplier)))
 
     self.stem = _ConvBN(scaled(_STEM_FILTERS), 7, 2,
-                        conv_trainable=not freeze_early_convs, name="stem",
-                        **norm)
+                        conv_trainable=not freeze_early_convs,
+                        norm_affine_trainable=not freeze_early_norms,
+                        name="stem", **norm)
     self.groups = []
     for g, (filters, stride, num_blocks) in enumerate(
         zip(_GROUP_FILTERS, _GROUP_STRIDES, blocks_per_group)):
@@ -224,6 +248,7 @@ class ResNet(keras.layers.Layer):
             scaled(filters), stride if b == 0 else 1,
             use_projection=(b == 0), bottleneck=(block_type == "bottleneck"),
             conv_trainable=conv_trainable,
+            norm_affine_trainable=not (freeze_early_norms and g == 0),
             name=f"block_group{g + 1}_block{b + 1}", **norm))
       self.groups.append(blocks)
 

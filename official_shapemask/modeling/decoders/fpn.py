@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from official_shapemask.modeling.layers.batch_norm import BatchNorm
+
 
 @keras.saving.register_keras_serializable(package="official_shapemask")
 class FPN(keras.layers.Layer):
@@ -71,7 +73,7 @@ class FPN(keras.layers.Layer):
             num_filters, 3, strides=2, padding="same",
             dtype=self.dtype_policy, name=f"p{level}")
       if use_batch_norm:
-        self.norms[key] = keras.layers.BatchNormalization(
+        self.norms[key] = BatchNorm(
             momentum=norm_momentum, epsilon=norm_epsilon,
             synchronized=use_sync_bn, dtype=self.dtype_policy,
             name=f"p{level}-bn")

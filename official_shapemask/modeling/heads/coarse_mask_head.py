@@ -5,6 +5,9 @@ import math
 import keras
 from keras import ops
 
+from official_shapemask.modeling.layers.batch_norm import BatchNorm
+from official_shapemask.modeling.layers.conv_norm import conv_norm
+
 # Bias of the mask class predictors: foreground probability 0.01.
 MASK_PRIOR_BIAS = -math.log((1.0 - 0.01) / 0.01)
 
@@ -51,7 +54,7 @@ def mask_conv_stack(prefix, num_convs, num_filters, norm_momentum,
         bias_initializer="zeros",
         name=f"{prefix}_conv_{i}",
         dtype=dtype_policy))
-    norms.append(keras.layers.BatchNormalization(
+    norms.append(BatchNorm(
         momentum=norm_momentum, epsilon=norm_epsilon,
         name=f"{prefix}_conv_{i}_bn", dtype=dtype_policy, **bn_kwargs))
   return convs, norms
@@ -143,7 +146,7 @@ class CoarseMaskHead(keras.layers.Layer):
                          (-1, m, m, 1))
     features = features + self.prior_fc(priors)
     for conv, norm in zip(self.convs, self.norms):
-      features = ops.relu(norm(conv(features), training=training))
+      features = ops.relu(conv_norm(conv, norm, features, training=training))
     return features
 
   def call(self, instance_features, prior_masks, classes, training=None):

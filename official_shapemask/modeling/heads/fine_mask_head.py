@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from official_shapemask.modeling.heads import coarse_mask_head
+from official_shapemask.modeling.layers.conv_norm import conv_norm
 
 # Keeps the foreground mean finite for instances with an empty coarse mask.
 _EMBEDDING_EPSILON = 1e-20
@@ -125,7 +126,7 @@ class FineMaskHead(keras.layers.Layer):
     features = features + self.prob_fc(
         ops.cast(probs, self.compute_dtype)[..., None])
     for conv, norm in zip(self.convs, self.norms):
-      features = ops.relu(norm(conv(features), training=training))
+      features = ops.relu(conv_norm(conv, norm, features, training=training))
     return features
 
   def call(self, instance_features, coarse_logits, classes, training=None):

@@ -5,6 +5,9 @@ import math
 import keras
 from keras import ops
 
+from official_shapemask.modeling.layers.batch_norm import BatchNorm
+from official_shapemask.modeling.layers.conv_norm import conv_norm
+
 
 @keras.saving.register_keras_serializable(package="official_shapemask")
 class RetinaNetHead(keras.layers.Layer):
@@ -76,7 +79,7 @@ class RetinaNetHead(keras.layers.Layer):
       if use_batch_norm:
         for i in range(num_convs):
           for level in range(min_level, max_level + 1):
-            norms[f"{i}-{level}"] = keras.layers.BatchNormalization(
+            norms[f"{i}-{level}"] = BatchNorm(
                 momentum=norm_momentum, epsilon=norm_epsilon,
                 synchronized=use_sync_bn, dtype=self.dtype_policy,
                 name=f"{prefix}-{i}-{level}")
@@ -116,10 +119,8 @@ class RetinaNetHead(keras.layers.Layer):
 
   def _tower(self, x, convs, norms, level, training):
     for i, conv in enumerate(convs):
-      x = conv(x)
-      if norms:
-        x = norms[f"{i}-{level}"](x, training=training)
-      x = ops.relu(x)
+      norm = norms[f"{i}-{level}"] if norms else None
+      x = ops.relu(conv_norm(conv, norm, x, training=training))
     return x
 
   def call(self, features, training=None):

@@ -1,0 +1,139 @@
+"""BatchNorm: Keras' batch norm with a closed-form training gradient."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from official_shapemask.modeling.layers.batch_norm import BatchNorm
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _data(seed=0, shape=(4, 5, 6, 7)):
+  rng = np.random.default_rng(seed)
+  # A large mean relative to the spread: the two-pass variance must hold.
+  x = (rng.normal(size=shape) * 0.5 + 20.0).astype(np.float32)
+  upstream = rng.normal(size=shape).astype(np.float32)
+  return x, upstream
+
+
+def _train_step(layer, x, upstream, dtype=None):
+  xt = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(xt)
+    y = layer(tf.cast(xt, dtype) if dtype else xt, training=True)
+    loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+  grads = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+  return [np.asarray(y, np.float32)] + [np.asarray(g) for g in grads] + [
+      np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)]
+
+
+def _pair(**kwargs):
+  layers = []
+  for cls in (keras.layers.BatchNormalization, BatchNorm):
+    layer = cls(momentum=0.9, epsilon=1e-4, **kwargs)
+    layer.build((4, 5, 6, 7))
+    layer.gamma.assign(np.linspace(0.5, 2.0, 7))
+    layer.beta.assign(np.linspace(-1.0, 1.0, 7))
+    layer.moving_mean.assign(np.full(7, 19.0))
+    layers.append(layer)
+  return layers
+
+
+def test_training_matches_keras_values_gradients_and_moving_stats():
+  x, upstream = _data()
+  ref, ours = (_train_step(layer, x, upstream) for layer in _pair())
+  names = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
+  for name, a, b in zip(names, ours, ref):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=name)
+  # The statistics moved (the test would pass vacuously otherwise).
+  assert not np.allclose(ours[4], 19.0)
+
+
+def test_inference_is_keras():
+  x, _ = _data(1)
+  keras_bn, ours = _pair()
+  np.testing.assert_array_equal(np.asarray(ours(x, training=False)),
+                                np.asarray(keras_bn(x, training=False)))
+
+
+def test_mixed_bfloat16_output_dtype_and_values():
+  x, upstream = _data(2)
+  keras_bn, ours = _pair(dtype="mixed_bfloat16")
+  y = ours(tf.cast(x, tf.bfloat16), training=True)
+  assert y.dtype == tf.bfloat16
+  ref = _train_step(keras_bn, x, upstream, tf.bfloat16)
+  got = _train_step(ours, x, upstream, tf.bfloat16)
+  np.testing.assert_allclose(got[0], ref[0], atol=0.05)
+  np.testing.assert_allclose(got[2], ref[2], rtol=0.05, atol=0.5)
+
+
+def test_frozen_layer_and_sync_fall_back_to_keras():
+  x, _ = _data(3)
+  keras_bn, ours = _pair()
+  ours.trainable = False
+  keras_bn.trainable = False
+  np.testing.assert_array_equal(np.asarray(ours(x, training=True)),
+                                np.asarray(keras_bn(x, training=True)))
+  sync = BatchNorm(synchronized=True)
+  sync.build(x.shape)
+  assert not sync._fast_path(True, None)  # pylint: disable=protected-access
+
+
+def test_xla_compiled_step_matches_eager():
+  x, upstream = _data(4)
+  _, ours = _pair()
+
+  @tf.function(jit_compile=True)
+  def step(xt):
+    with tf.GradientTape() as tape:
+      tape.watch(xt)
+      loss = tf.reduce_sum(ours(xt, training=True) * upstream)
+    return tape.gradient(loss, [xt, ours.gamma.value])
+
+  compiled = [np.asarray(g) for g in step(tf.constant(x))]
+  _, fresh = _pair()
+  eager = _train_step(fresh, x, upstream)
+  np.testing.assert_allclose(compiled[0], eager[1], rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(compiled[1], eager[2], rtol=2e-4, atol=2e-4)
+
+
+_JAX_SCRIPT = """
+import jax, numpy as np, keras
+assert keras.backend.backend() == "jax"
+from official_shapemask.modeling.layers.batch_norm import BatchNorm
+rng = np.random.default_rng(0)
+x = (rng.normal(size=(4, 5, 6, 7)) * 0.5 + 20).astype("float32")
+w = rng.normal(size=x.shape).astype("float32")
+out = []
+for cls in (keras.layers.BatchNormalization, BatchNorm):
+  bn = cls(momentum=0.9, epsilon=1e-4)
+  bn.build(x.shape)
+  def loss(x, trainable, other):
+    y, new = bn.stateless_call(trainable, other, x, training=True)
+    return (y * w).sum(), new
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (value, new), (dx, dvars) = fn(
+      x, [v.value for v in bn.trainable_variables],
+      [v.value for v in bn.non_trainable_variables])
+  out.append([np.asarray(dx)] + [np.asarray(g) for g in dvars] +
+             [np.asarray(v) for v in new])
+for a, b in zip(*out):
+  np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
+print("JAX_OK")
+"""
+
+
+def test_jax_backend_matches_keras():
+  env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO_ROOT))
+  result = subprocess.run([sys.executable, "-c", _JAX_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          cwd=str(REPO_ROOT))
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "JAX_OK" in result.stdout
