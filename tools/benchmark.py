@@ -148,15 +148,28 @@ def _median(values):
   return float(statistics.median(values)) if values else None
 
 
+# Process CPU seconds per wall second over the last `_timed_steps` call.
+_CPU_CORES_BUSY = []
+
+
 def _timed_steps(step, warmup, steps):
-  """Runs `step()` warmup + steps times; returns the timed seconds."""
+  """Runs `step()` warmup + steps times; returns the timed seconds.
+
+  Also records in `_CPU_CORES_BUSY` the process's CPU time (user + system,
+  all threads) over the timed steps divided by their wall time: the average
+  number of busy cores (the machine's core count when nothing idles).
+  """
   for _ in range(warmup):
     step()
   times = []
+  cpu = time.process_time()
   for _ in range(steps):
     t = time.perf_counter()
     step()
     times.append(time.perf_counter() - t)
+  if times:
+    _CPU_CORES_BUSY.append(
+        round((time.process_time() - cpu) / sum(times), 2))
   return times
 
 
@@ -880,6 +893,9 @@ def run_worker(spec):
     traceback.print_exc()
     result = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
   result["peak_rss_gib"] = _peak_rss_gib()
+  if _CPU_CORES_BUSY:
+    result["cpu_cores_busy"] = (_CPU_CORES_BUSY[0] if len(_CPU_CORES_BUSY) == 1
+                                else _CPU_CORES_BUSY)
   result["wall_s"] = round(time.perf_counter() - t, 1)
   print("RESULT " + json.dumps(result), flush=True)
   return 0 if result["ok"] else 1
@@ -1206,6 +1222,10 @@ def parse_args(argv):
   p.add_argument("--nesterov", type=int, default=None,
                  help="ours: Nesterov momentum (default 1 with --peer, as "
                  "the port's config; else 0)")
+  p.add_argument("--freeze_early_norms", type=int, default=None,
+                 help="ours: freeze gamma/beta of the stem and conv2_x batch "
+                 "norms (default 1 with --peer, as the port's frozen-variable "
+                 "regex does; else 0, the reference)")
   p.add_argument("--infer_scores", default="realistic",
                  choices=("realistic", "full", "init"),
                  help="inference load: 'realistic' = 5 classes with scores "
@@ -1268,6 +1288,10 @@ def main(argv=None):
   if args.nesterov is None:
     args.nesterov = bool(args.peer and args.backend == "tensorflow")
   args.nesterov = bool(args.nesterov)
+  if args.freeze_early_norms is None:
+    args.freeze_early_norms = bool(args.peer and args.backend == "tensorflow")
+  args.freeze_early_norms = bool(args.freeze_early_norms)
+  kwargs["freeze_early_norms"] = args.freeze_early_norms
   config_name = config or "+".join(os.path.basename(f) for f in args.gin_file)
   workdir = args.workdir or tempfile.mkdtemp(prefix="shapemask_bench_")
   os.makedirs(workdir, exist_ok=True)
@@ -1295,7 +1319,8 @@ def main(argv=None):
       summary = run_workers(args, runner, base)
     else:
       summary = run_tensorflow(args, runner, base)
-  summary["ours_settings"] = {"clip": args.clip, "nesterov": args.nesterov}
+  summary["ours_settings"] = {"clip": args.clip, "nesterov": args.nesterov,
+                              "freeze_early_norms": args.freeze_early_norms}
   failed = [r for r in runner.records if not r.get("ok")]
   runner.emit(summary)  # The last line.
   return 1 if failed else 0
