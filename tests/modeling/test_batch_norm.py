@@ -1,17 +1,10 @@
 """BatchNorm: Keras' batch norm with a closed-form training gradient."""
-import os
-import pathlib
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from official_shapemask.modeling.layers.batch_norm import BatchNorm
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _data(seed=0, shape=(4, 5, 6, 7)):
@@ -82,7 +75,10 @@ def test_frozen_layer_and_sync_fall_back_to_keras():
                                 np.asarray(keras_bn(x, training=True)))
   sync = BatchNorm(synchronized=True)
   sync.build(x.shape)
-  assert not sync._fast_path(True, None)  # pylint: disable=protected-access
+  assert not sync._fast_path(4, True, None)  # pylint: disable=protected-access
+  assert ours._fast_path(4, True, None) is False  # frozen
+  ours.trainable = True
+  assert ours._fast_path(4, True, None) and not ours._fast_path(4, None, None)
 
 
 def test_xla_compiled_step_matches_eager():
@@ -129,11 +125,7 @@ print("JAX_OK")
 """
 
 
-def test_jax_backend_matches_keras():
-  env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO_ROOT))
-  result = subprocess.run([sys.executable, "-c", _JAX_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=300,
-                          cwd=str(REPO_ROOT))
+def test_jax_backend_matches_keras(run_under_jax):
+  result = run_under_jax(_JAX_SCRIPT, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "JAX_OK" in result.stdout

@@ -88,17 +88,13 @@ class BatchNorm(keras.layers.BatchNormalization):
   names are Keras', so checkpoints and weight files are interchangeable.
   """
 
-  def _fast_path(self, training, mask):
-    return (training and self.trainable and mask is None and
-            not self.synchronized and not self.renorm and self.scale and
-            self.center and self.axis in (-1, self._ndim - 1))
-
-  def build(self, input_shape):
-    self._ndim = len(input_shape)
-    super().build(input_shape)
+  def _fast_path(self, ndim, training, mask):
+    return bool(training and self.trainable and mask is None and
+                not self.synchronized and not self.renorm and self.scale and
+                self.center and self.axis in (-1, ndim - 1))
 
   def call(self, inputs, training=None, mask=None):
-    if not self._fast_path(training, mask):
+    if not self._fast_path(len(inputs.shape), training, mask):
       return super().call(inputs, training=training, mask=mask)
     x = ops.cast(inputs, "float32")
     y, mean, variance = batch_norm_train(
