@@ -1,9 +1,7 @@
 """The detector half (ResNet + FPN + RetinaNet head + detection generator)
 traces under XLA (``jit_compile=True``) and runs under KERAS_BACKEND=jax with
 the same numbers as the TensorFlow backend."""
-import os
 import pathlib
-import subprocess
 import sys
 import textwrap
 
@@ -11,7 +9,6 @@ import keras
 import numpy as np
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SIZE, NUM_CLASSES = 128, 7
 
 MODELING_TESTS = pathlib.Path(__file__).resolve().parent
@@ -75,7 +72,7 @@ _JAX_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_same_numbers_under_jax_backend(tmp_path):
+def test_same_numbers_under_jax_backend(tmp_path, run_under_jax):
   pytest.importorskip("jax")
   model, layers, generator = build_detector(SIZE, NUM_CLASSES)
   images, cls, box = _inputs()
@@ -86,15 +83,8 @@ def test_same_numbers_under_jax_backend(tmp_path):
     for j, w in enumerate(layer.get_weights()):
       arrays[f"w{i}_{j}"] = w
   np.savez(tmp_path / "in.npz", **arrays)
-  env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH=os.pathsep.join([str(REPO_ROOT),
-                                         str(MODELING_TESTS)]))
-  proc = subprocess.run(
-      [sys.executable, "-c", _JAX_SCRIPT, str(tmp_path / "in.npz"),
-       str(tmp_path / "out.npz")],
-      capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600,
-      check=False)
+  proc = run_under_jax(_JAX_SCRIPT, str(tmp_path / "in.npz"),
+                       str(tmp_path / "out.npz"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = np.load(tmp_path / "out.npz")
   for key in ("cls_outputs", "box_outputs"):

@@ -1,8 +1,5 @@
 """ShapeMask mask-branch heads (§5.4-§5.6): shapes, semantics, gradients,
 serialization, the JAX backend and XLA compilation."""
-import os
-import pathlib
-import subprocess
 import sys
 import textwrap
 
@@ -17,7 +14,6 @@ from official_shapemask.modeling.heads.fine_mask_head import FineMaskHead
 from official_shapemask.modeling.heads.shape_prior_head import ShapePriorHead
 from official_shapemask.ops import spatial_transform as st
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 B, N, M, K, C, D, U = 2, 3, 8, 3, 5, 8, 2
 CANVAS = 128
 
@@ -482,11 +478,7 @@ _JAX_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_heads_and_losses_run_under_jax_backend():
-  env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO_ROOT))
-  result = subprocess.run([sys.executable, "-c", _JAX_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=300,
-                          cwd=str(REPO_ROOT))
+def test_heads_and_losses_run_under_jax_backend(run_under_jax):
+  result = run_under_jax(_JAX_SCRIPT, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "JAX_OK" in result.stdout

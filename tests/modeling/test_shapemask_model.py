@@ -9,10 +9,6 @@ imports `TINY` and `synthetic_training_batch` from it with TensorFlow
 blocked.
 """
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -24,8 +20,6 @@ from official_shapemask.modeling import ShapeMaskModel
 from official_shapemask.modeling import build_shapemask_model
 from official_shapemask.ops import anchors as anchors_lib
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-MODELING_TESTS = pathlib.Path(__file__).resolve().parent
 SIZE = 128
 NUM_CLASSES = 91
 BATCH = 2
@@ -504,25 +498,15 @@ _JAX_TRAIN_SCRIPT = _BLOCK_TENSORFLOW + textwrap.dedent("""
 """)
 
 
-def _run_without_tensorflow(script, *args):
-  pytest.importorskip("jax")
-  env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(REPO_ROOT),
-                                         str(MODELING_TESTS)]))
-  return subprocess.run([sys.executable, "-c", script, *args], env=env,
-                        capture_output=True, text=True, timeout=600,
-                        cwd=str(REPO_ROOT), check=False)
-
-
-def test_import_modeling_without_tensorflow():
-  result = _run_without_tensorflow(_IMPORT_SCRIPT)
+def test_import_modeling_without_tensorflow(run_under_jax):
+  result = run_under_jax(_IMPORT_SCRIPT)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "IMPORT_OK" in result.stdout
 
 
 @pytest.mark.slow  # ~50 s of CPU: XLA-compiling the JAX train and predict.
-def test_fit_step_and_predict_under_jax_without_tensorflow(tmp_path):
-  result = _run_without_tensorflow(_JAX_TRAIN_SCRIPT,
-                                   str(tmp_path / "priors.npy"))
+def test_fit_step_and_predict_under_jax_without_tensorflow(tmp_path,
+                                                           run_under_jax):
+  result = run_under_jax(_JAX_TRAIN_SCRIPT, str(tmp_path / "priors.npy"))
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "JAX_TRAIN_OK" in result.stdout
