@@ -100,7 +100,8 @@ def main(argv):
   export_dir = os.path.join(out, "saved_model")
   _run("5/6 SavedModel export", [
       "tools/export_saved_model.py", "--gin_file=demo.gin"
-  ] + bindings + [f"--checkpoint={run_dir}", f"--export_dir={export_dir}"])
+  ] + bindings + [f"--checkpoint={run_dir}", f"--export_dir={export_dir}",
+                  "--overwrite"])  # The demo's own output: rebuilt each run.
   val_images = sorted(glob.glob(os.path.join(data, "val", "*.png")))
   sample = os.path.join(out, "predict_inputs")
   os.makedirs(sample, exist_ok=True)

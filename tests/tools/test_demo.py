@@ -1,0 +1,49 @@
+"""tools/demo.py (what `make demo` runs), end to end at a tiny size.
+
+The output folder already holds a previous run's checkpoint and SavedModel,
+as when `make demo` is run a second time: the demo must start training
+afresh and replace its own export.
+"""
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow  # ~2 min: data, conversion, priors, train, eval, export.
+def test_demo_end_to_end_into_the_folder_of_a_previous_run(tmp_path):
+  out = tmp_path / "demo_out"
+  stale_export = out / "saved_model"
+  stale_export.mkdir(parents=True)
+  (stale_export / "saved_model.pb").write_bytes(b"stale")
+  stale_run = out / "run"
+  stale_run.mkdir()
+  (stale_run / "checkpoint").write_text("stale")
+
+  proc = subprocess.run(
+      [sys.executable, "tools/demo.py", f"--output_dir={out}",
+       "--num_train=16", "--num_val=6", "--steps=6", "--num_predict=2"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
+      check=False)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+  last = proc.stdout.strip().splitlines()[-1]
+  match = re.fullmatch(
+      r"mask_AP=(-?[\d.]+) box_AP=(-?[\d.]+) minutes=([\d.]+)", last)
+  assert match, last
+  evals = sorted((out / "run").glob("eval_*.json"))
+  assert [p.name for p in evals] == ["eval_6.json"]
+  metrics = json.loads(evals[0].read_text())
+  assert float(match.group(1)) == pytest.approx(metrics["mask_AP"], abs=5e-4)
+  assert float(match.group(2)) == pytest.approx(metrics["AP"], abs=5e-4)
+  # The stale export was replaced by a loadable SavedModel.
+  assert (stale_export / "saved_model.pb").read_bytes() != b"stale"
+  assert (stale_export / "variables").is_dir()
+  overlays = sorted((out / "predictions").glob("*.png"))
+  assert len(overlays) == 2
+  assert (out / "data" / "shape_priors.npy").is_file()
