@@ -5,13 +5,15 @@ channel, ``y = a * z + b`` with ``a = gamma / sqrt(moving_variance + eps)``
 and ``b = beta - moving_mean * a``. Applied after a convolution ``z = x * W +
 c`` it equals one convolution with kernel ``W * a`` (scaled per output
 channel) and bias ``c * a + b``. The folded form skips the two full passes
-over the activation that the separate normalisation takes (on CPU, 7-9% of
-an inference step at 640 px), and it lets graph compilers fuse the bias and
-the ReLU into the convolution.
+over the activation that the separate normalisation takes, and it lets
+graph compilers fuse the bias and the ReLU into the convolution. Measured
+on CPU (R50, 640 px, batch 2): the inference step gets 12% faster in
+mixed_bfloat16 (where the casts around every norm go too) and 1% in
+float32.
 
-`conv_norm` is used wherever a batch norm directly follows a convolution
-(the ResNet blocks, the FPN output levels, the RetinaNet towers and the mask
-heads). It keeps the two Keras layers and their variables as they are, so
+`conv_norm` is used where a batch norm directly follows a convolution: the
+ResNet blocks, the RetinaNet towers and the mask heads. The FPN keeps its
+separate norms, because P6 is computed from P5 before P5's norm. It keeps the two Keras layers and their variables as they are, so
 checkpoints and weight files are unaffected; only the computation changes.
 In training mode (batch statistics) it is the unfolded ``norm(conv(x))``.
 """
