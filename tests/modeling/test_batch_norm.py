@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from official_shapemask.modeling.layers.batch_norm import BatchNorm
+from official_shapemask.modeling.layers import batch_norm
+
+BatchNorm = batch_norm.BatchNormalization
 
 
 def _data(seed=0, shape=(4, 5, 6, 7)):
@@ -102,7 +104,9 @@ def test_xla_compiled_step_matches_eager():
 _JAX_SCRIPT = """
 import jax, numpy as np, keras
 assert keras.backend.backend() == "jax"
-from official_shapemask.modeling.layers.batch_norm import BatchNorm
+from official_shapemask.modeling.layers import batch_norm
+
+BatchNorm = batch_norm.BatchNormalization
 rng = np.random.default_rng(0)
 x = (rng.normal(size=(4, 5, 6, 7)) * 0.5 + 20).astype("float32")
 w = rng.normal(size=x.shape).astype("float32")
@@ -129,3 +133,36 @@ def test_jax_backend_matches_keras(run_under_jax):
   result = run_under_jax(_JAX_SCRIPT, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "JAX_OK" in result.stdout
+
+
+class _Holder(keras.Model):
+  """Holds batch norms in a list, as the heads do (`.weights.h5` names
+  list-held layers after their class)."""
+
+  def __init__(self, cls, **kwargs):
+    super().__init__(**kwargs)
+    self.norms = [cls(), cls()]
+
+  def build(self, input_shape):
+    for norm in self.norms:
+      norm.build(input_shape)
+
+  def call(self, x, training=None):
+    for norm in self.norms:
+      x = norm(x, training=training)
+    return x
+
+
+def test_weight_files_interchangeable_with_keras_layer(tmp_path):
+  x, _ = _data(5)
+  keras_holder = _Holder(keras.layers.BatchNormalization)
+  keras_holder.build(x.shape)
+  keras_holder(x, training=True)  # non-default moving statistics
+  path = str(tmp_path / "bn.weights.h5")
+  keras_holder.save_weights(path)
+  ours = _Holder(BatchNorm)
+  ours.build(x.shape)
+  ours.load_weights(path)
+  for a, b in zip(keras_holder.weights, ours.weights):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(keras_holder(x)))

@@ -11,7 +11,7 @@ followed by a VALID convolution; stride-1 convolutions use SAME padding.
 import keras
 from keras import ops
 
-from official_shapemask.modeling.layers.batch_norm import BatchNorm
+from official_shapemask.modeling.layers import batch_norm
 from official_shapemask.modeling.layers.conv_norm import conv_norm
 
 # depth -> (block type, blocks per group); the reference table.
@@ -68,7 +68,7 @@ class _ConvBN(keras.layers.Layer):
         padding="same" if strides == 1 else "valid", use_bias=False,
         kernel_initializer=_conv_kernel_initializer(),
         trainable=conv_trainable, dtype=self.dtype_policy, name="conv")
-    self.bn = BatchNorm(
+    self.bn = batch_norm.BatchNormalization(
         momentum=norm_momentum, epsilon=norm_epsilon,
         synchronized=use_sync_bn, dtype=self.dtype_policy, name="bn")
 

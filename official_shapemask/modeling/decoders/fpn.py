@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from official_shapemask.modeling.layers.batch_norm import BatchNorm
+from official_shapemask.modeling.layers import batch_norm
 
 
 @keras.saving.register_keras_serializable(package="official_shapemask")
@@ -73,7 +73,7 @@ class FPN(keras.layers.Layer):
             num_filters, 3, strides=2, padding="same",
             dtype=self.dtype_policy, name=f"p{level}")
       if use_batch_norm:
-        self.norms[key] = BatchNorm(
+        self.norms[key] = batch_norm.BatchNormalization(
             momentum=norm_momentum, epsilon=norm_epsilon,
             synchronized=use_sync_bn, dtype=self.dtype_policy,
             name=f"p{level}-bn")

@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from official_shapemask.modeling.layers.batch_norm import BatchNorm
+from official_shapemask.modeling.layers import batch_norm
 from official_shapemask.modeling.layers.conv_norm import conv_norm
 
 # Bias of the mask class predictors: foreground probability 0.01.
@@ -54,7 +54,7 @@ def mask_conv_stack(prefix, num_convs, num_filters, norm_momentum,
         bias_initializer="zeros",
         name=f"{prefix}_conv_{i}",
         dtype=dtype_policy))
-    norms.append(BatchNorm(
+    norms.append(batch_norm.BatchNormalization(
         momentum=norm_momentum, epsilon=norm_epsilon,
         name=f"{prefix}_conv_{i}_bn", dtype=dtype_policy, **bn_kwargs))
   return convs, norms

@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from official_shapemask.modeling.layers.batch_norm import BatchNorm
+from official_shapemask.modeling.layers import batch_norm
 from official_shapemask.modeling.layers.conv_norm import conv_norm
 
 
@@ -79,7 +79,7 @@ class RetinaNetHead(keras.layers.Layer):
       if use_batch_norm:
         for i in range(num_convs):
           for level in range(min_level, max_level + 1):
-            norms[f"{i}-{level}"] = BatchNorm(
+            norms[f"{i}-{level}"] = batch_norm.BatchNormalization(
                 momentum=norm_momentum, epsilon=norm_epsilon,
                 synchronized=use_sync_bn, dtype=self.dtype_policy,
                 name=f"{prefix}-{i}-{level}")

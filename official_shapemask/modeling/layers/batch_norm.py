@@ -1,6 +1,6 @@
 """Batch normalisation with a hand-written training gradient.
 
-`BatchNorm` is `keras.layers.BatchNormalization` (same variables, names,
+`BatchNormalization` here is `keras.layers.BatchNormalization` (same variables, names,
 defaults, moving-average update and inference path) with one change: in
 training mode over the last axis, the normalisation and its gradient are one
 `keras.ops.custom_gradient` function, and the per-channel sums are matrix
@@ -81,13 +81,16 @@ def batch_norm_train(x, gamma, beta, epsilon):
 
 
 @keras.saving.register_keras_serializable(package="official_shapemask")
-class BatchNorm(keras.layers.BatchNormalization):
+class BatchNormalization(keras.layers.BatchNormalization):
   """`keras.layers.BatchNormalization` with a closed-form training gradient.
 
   Takes the same arguments. The custom path is used in training mode for a
   trainable, non-synchronized, unmasked, non-renormalised batch norm over
   the last axis; every other case is Keras' own code. Variables and their
   names are Keras', so checkpoints and weight files are interchangeable.
+  The class keeps Keras' class name on purpose: `.weights.h5` files name
+  layers held in lists and dicts after their class, so a different name
+  would break weight files saved with Keras' layer.
   """
 
   def _fast_path(self, ndim, training, mask):
