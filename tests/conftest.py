@@ -52,23 +52,23 @@ def tiny_train_records(coco_tiny_root, tmp_path_factory):
                   4)
 
 
-def run_python_under_jax(script, *args, timeout=600):
-  """Runs `python -c script *args` with KERAS_BACKEND=jax on the CPU.
-
-  The repository root and tests/modeling (for `tiny_detector`) are on the
-  path. Returns the `subprocess.CompletedProcess` (text output).
-  """
-  pytest.importorskip("jax")
-  env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH=os.pathsep.join([str(REPO_ROOT),
-                                         str(REPO_ROOT / "tests" / "modeling")]))
-  return subprocess.run([sys.executable, "-c", script, *args], env=env,
-                        capture_output=True, text=True, timeout=timeout,
-                        cwd=str(REPO_ROOT), check=False)
-
-
 @pytest.fixture
 def run_under_jax():
-  """`run_python_under_jax` as a fixture."""
-  return run_python_under_jax
+  """A function running `python -c script *args` with KERAS_BACKEND=jax.
+
+  On the CPU, with the repository root and tests/modeling (for
+  `tiny_detector`) on the path; returns the `subprocess.CompletedProcess`
+  (text output). Skips the test when JAX is not installed.
+  """
+  pytest.importorskip("jax")
+
+  def run(script, *args, timeout=600):
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+               TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join(
+                   [str(REPO_ROOT), str(REPO_ROOT / "tests" / "modeling")]))
+    return subprocess.run([sys.executable, "-c", script, *args], env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=str(REPO_ROOT), check=False)
+
+  return run

@@ -26,13 +26,6 @@ import keras
 from keras import ops
 
 
-def _channel_sum(x):
-  """``[..., C]`` -> ``[C]`` sum over every other axis, as ``1 x N @ N x C``."""
-  flat = ops.reshape(x, (-1, x.shape[-1]))
-  ones = ops.ones((1, ops.shape(flat)[0]), dtype=flat.dtype)
-  return ops.reshape(ops.matmul(ones, flat), (-1,))
-
-
 def batch_norm_train(x, gamma, beta, epsilon):
   """Training-mode batch norm over the last axis, closed-form gradient.
 
@@ -48,13 +41,20 @@ def batch_norm_train(x, gamma, beta, epsilon):
     ``[C]`` (no gradient flows through them; Keras' moving averages take
     none either).
   """
-  count = ops.cast(ops.prod(ops.shape(x)[:-1]), "float32")
+  # Everything runs on the [N, C] view; a channel sum is `ones [1, N] @ t`.
+  flat = ops.reshape(x, (-1, x.shape[-1]))
+  num = ops.shape(flat)[0]
+  ones = ops.ones((1, num), dtype=flat.dtype)
+  count = ops.cast(num, "float32")
+
+  def channel_sum(t):
+    return ops.matmul(ones, t)[0]
 
   @ops.custom_gradient
   def normalize(x, gamma, beta):
-    mean = _channel_sum(x) / count
+    mean = channel_sum(x) / count
     centered = x - mean
-    variance = _channel_sum(ops.square(centered)) / count
+    variance = channel_sum(ops.square(centered)) / count
     inv = ops.rsqrt(variance + epsilon)
     scale = gamma * inv
     y = centered * scale + beta
@@ -67,8 +67,8 @@ def batch_norm_train(x, gamma, beta, epsilon):
         upstream = args[0] if len(args) == 1 else args
       if isinstance(upstream, (tuple, list)):
         upstream = upstream[0]
-      d_beta = _channel_sum(upstream)
-      dot = _channel_sum(upstream * centered)  # sum(dy * (x - mean))
+      d_beta = channel_sum(upstream)
+      dot = channel_sum(upstream * centered)  # sum(dy * (x - mean))
       d_gamma = dot * inv
       # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
       k = scale * inv * inv * dot / count
@@ -77,7 +77,8 @@ def batch_norm_train(x, gamma, beta, epsilon):
 
     return (y, ops.stop_gradient(mean), ops.stop_gradient(variance)), grad
 
-  return normalize(x, gamma, beta)
+  y, mean, variance = normalize(flat, gamma, beta)
+  return ops.reshape(y, ops.shape(x)), mean, variance
 
 
 @keras.saving.register_keras_serializable(package="official_shapemask")
