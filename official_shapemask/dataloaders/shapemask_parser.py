@@ -9,10 +9,10 @@ Reused from Model Garden (``official.vision.ops``): ``normalize_image``,
 ``box_ops.horizontal_flip_boxes``, ``box_ops.denormalize_boxes``.
 
 Written here because Model Garden's versions differ from the reference:
-- ``_resize_and_crop_image``: ``preprocess_ops.resize_and_crop_image`` does
-  the same arithmetic but draws its scale and crop offset with stateful
-  ``tf.random`` ops; under a parallel ``map`` those cannot be made
-  reproducible, so ours takes a stateless seed.
+- ``image_ops.resize_and_crop_image`` (shared with the SavedModel export):
+  ``preprocess_ops.resize_and_crop_image`` does the same arithmetic but draws
+  its scale and crop offset with stateful ``tf.random`` ops; under a parallel
+  ``map`` those cannot be made reproducible, so ours takes a stateless seed.
 - ``_clip_boxes``: ``box_ops.clip_boxes`` (and therefore
   ``preprocess_ops.resize_and_crop_boxes`` and ``box_ops.compute_outer_boxes``)
   clip to ``[0, S]``; the reference clips to ``[0, S - 1]``.
@@ -28,6 +28,7 @@ import tensorflow as tf
 from official.vision.ops import box_ops
 from official.vision.ops import preprocess_ops
 from official_shapemask.dataloaders import anchor_labeler
+from official_shapemask.dataloaders import image_ops
 from official_shapemask.dataloaders import tf_example_decoder
 
 # COCO category ids of the 20 PASCAL VOC classes (reference class_utils).
@@ -82,59 +83,6 @@ def _outer_boxes(boxes, scale, size):
   outer = tf.stack([center_y - half_h, center_x - half_w,
                     center_y + half_h, center_x + half_w], axis=-1)
   return _clip_boxes(outer, size)
-
-
-def _resize_and_crop_image(image, output_size, scale_min, scale_max, seed):
-  """RetinaNet-style scale jitter, random crop and zero padding.
-
-  Draws ``r ~ U[scale_min, scale_max)``; target ``round(r * S)``;
-  ``scale = min(target_h / h, target_w / w)``; bilinear resize to
-  ``round([h, w] * scale)``; when that exceeds ``S``, a random crop offset in
-  ``[0, scaled - S]`` (truncated to an integer); pad bottom/right with zeros.
-  With ``scale_min == scale_max == 1`` nothing is random and the offset is 0.
-
-  Args:
-    image: float32 ``[h, w, 3]``.
-    output_size: python ``(S_h, S_w)``.
-    scale_min: python float.
-    scale_max: python float.
-    seed: int ``[2]`` stateless seed.
-
-  Returns:
-    image: float32 ``[S_h, S_w, 3]``.
-    image_info: float32 ``[4, 2]``: ``[[h, w], [S_h, S_w], [scale_y,
-      scale_x], [offset_y, offset_x]]``.
-  """
-  image_size = tf.cast(tf.shape(image)[0:2], tf.float32)
-  desired = tf.constant(output_size, tf.float32)
-  jitter = not (scale_min == 1.0 and scale_max == 1.0)
-  if jitter:
-    scale_seed, offset_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 2))
-    random_scale = tf.random.stateless_uniform([], scale_seed, scale_min,
-                                               scale_max)
-    target = tf.round(random_scale * desired)
-  else:
-    target = desired
-  scale = tf.minimum(target[0] / image_size[0], target[1] / image_size[1])
-  scaled_size = tf.round(image_size * scale)
-  image_scale = scaled_size / image_size
-  if jitter:
-    max_offset = tf.maximum(scaled_size - desired, 0.0)
-    offset = tf.cast(
-        max_offset * tf.random.stateless_uniform([2], offset_seed), tf.int32)
-  else:
-    offset = tf.zeros([2], tf.int32)
-  image = tf.image.resize(image, tf.cast(scaled_size, tf.int32),
-                          method=tf.image.ResizeMethod.BILINEAR)
-  if jitter:
-    image = image[offset[0]:offset[0] + output_size[0],
-                  offset[1]:offset[1] + output_size[1], :]
-  image = tf.image.pad_to_bounding_box(image, 0, 0, output_size[0],
-                                       output_size[1])
-  image_info = tf.stack([image_size, desired, image_scale,
-                         tf.cast(offset, tf.float32)])
-  return image, image_info
 
 
 def _pad_or_clip(tensor, size, value):
@@ -335,7 +283,7 @@ class Parser:
                       lambda: masks)
 
     boxes = box_ops.denormalize_boxes(boxes, image_hw)
-    image, image_info = _resize_and_crop_image(
+    image, image_info = image_ops.resize_and_crop_image(
         image, self._output_size, self._aug_scale_min, self._aug_scale_max,
         resize_seed)
     image_scale = image_info[2]
@@ -420,8 +368,8 @@ class Parser:
     """Eval parse, spec 7.3, plus the PNG instance masks."""
     image_hw = tf.shape(data['image'])[0:2]
     image = preprocess_ops.normalize_image(data['image'])
-    image, image_info = _resize_and_crop_image(image, self._output_size, 1.0,
-                                               1.0, seed=None)
+    image, image_info = image_ops.resize_and_crop_image(
+        image, self._output_size, 1.0, 1.0, seed=None)
     size = self._max_num_instances
     num_instances = tf.shape(data['classes'])[0]
     groundtruths = {

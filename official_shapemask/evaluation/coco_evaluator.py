@@ -149,7 +149,7 @@ def run_coco_eval(job):
           "records and the annotation JSON do not match.")
   else:
     dataset = job["gt_dataset"]
-    coco_gt = coco_utils._quiet_coco(dataset={  # pylint: disable=protected-access
+    coco_gt = coco_utils.quiet_coco(dataset={
         "images": dataset["images"],
         # New dicts (COCOeval writes 'ignore' into them), masks PNG -> RLE.
         "annotations": coco_utils.decode_annotation_masks(

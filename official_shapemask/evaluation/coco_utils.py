@@ -287,7 +287,7 @@ def quiet():
   return contextlib.nullcontext()
 
 
-def _quiet_coco(dataset=None, annotation_file=None):
+def quiet_coco(dataset=None, annotation_file=None):
   """Builds a COCO object without its progress prints."""
   with quiet():
     if annotation_file is not None:
@@ -319,7 +319,7 @@ def build_coco_groundtruth(images, annotations, category_names=None):
       "categories": [{"id": c, "name": str(category_names.get(c, c))}
                      for c in category_ids],
   }
-  return _quiet_coco(dataset=dataset)
+  return quiet_coco(dataset=dataset)
 
 
 _GT_CACHE = {}
@@ -340,7 +340,7 @@ def load_coco_groundtruth(annotation_file):
   with _GT_CACHE_LOCK:
     if key not in _GT_CACHE:
       _GT_CACHE.clear()
-      _GT_CACHE[key] = _quiet_coco(annotation_file=path)
+      _GT_CACHE[key] = quiet_coco(annotation_file=path)
     return _GT_CACHE[key]
 
 
@@ -354,4 +354,4 @@ def load_results(coco_gt, results):
       "categories": list(coco_gt.dataset.get("categories", [])),
       "annotations": [],
   }
-  return _quiet_coco(dataset=dataset)
+  return quiet_coco(dataset=dataset)

@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from official_shapemask import losses as losses_lib
+from official_shapemask.modeling import prior_file
 from official_shapemask.modeling import shapemask_model
 from official_shapemask.modeling.backbones import resnet
 from official_shapemask.modeling.decoders import fpn
@@ -29,8 +30,7 @@ from official_shapemask.ops import anchors as anchors_lib
 
 def load_priors(shape_prior_path, num_classes, use_category_for_mask):
   """Loads and validates a `[C_mask, K, m, m]` shape-prior file."""
-  from official_shapemask.dataloaders import shape_priors  # numpy only.
-  return shape_priors.load_shape_priors(
+  return prior_file.load_shape_priors(
       shape_prior_path,
       num_classes=num_classes if use_category_for_mask else None,
       class_agnostic=not use_category_for_mask)

@@ -14,7 +14,7 @@ detections in canvas and in original-image coordinates:
 Preprocessing is the eval parser's (spec §7.3): ImageNet mean/std
 normalisation (`preprocess_ops.normalize_image`), the long side scaled to the
 model's `S`, bottom/right zero padding to `S x S`
-(`shapemask_parser._resize_and_crop_image` with scale 1.0), and
+(`image_ops.resize_and_crop_image` with scale 1.0, as in the parser), and
 `image_info = [[h, w], [S, S], [scale_y, scale_x], [0, 0]]`.
 
 Outputs (`B` = batch, `n` = `max_num_detections` = 100, `M` = mask side
@@ -41,7 +41,7 @@ import uuid
 import tensorflow as tf
 
 from official.vision.ops import preprocess_ops
-from official_shapemask.dataloaders import shapemask_parser
+from official_shapemask.dataloaders import image_ops
 from official_shapemask.training import checkpoints
 
 SIGNATURE_IMAGE_TENSOR = 'image_tensor'
@@ -79,7 +79,7 @@ def preprocess_image(image, image_size):
   """
   image = preprocess_ops.normalize_image(image)
   # The parser's own resize (scale range 1.0: deterministic, no crop).
-  image, image_info = shapemask_parser._resize_and_crop_image(  # pylint: disable=protected-access
+  image, image_info = image_ops.resize_and_crop_image(
       image, (image_size, image_size), 1.0, 1.0, seed=None)
   image = tf.ensure_shape(image, [image_size, image_size, 3])
   return image, image_info

@@ -22,7 +22,7 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
 from official_shapemask.training import checkpoints
-from official_shapemask.training import gin_utils
+from official_shapemask.training import operative_config
 from official_shapemask.training import strategies
 from official_shapemask.training import train_loop
 
@@ -245,7 +245,7 @@ class Experiment:
       if mode != "eval":
         self._restore_or_initialize()
     if self.chief:
-      gin_utils.write_operative_config(self.model_dir)
+      operative_config.write_operative_config(self.model_dir)
     return self
 
   def _restore_or_initialize(self):
@@ -293,7 +293,7 @@ class Experiment:
           self.train_dataset_fn())
       self._iterator = iter(dataset)
       if self.chief:  # Again: now it also holds the input parser's settings.
-        gin_utils.write_operative_config(self.model_dir)
+        operative_config.write_operative_config(self.model_dir)
       self._loop = train_loop.TrainLoop(
           self.strategy, self.model, self.optimizer,
           gradient_clip_norm=self.gradient_clip_norm,

@@ -10,11 +10,9 @@ macro that is used but never defined.
 import contextlib
 import logging
 import os
-import uuid
 
 import gin
 from gin import config as gin_config
-import tensorflow as tf
 
 REPO_GIN_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
@@ -124,14 +122,3 @@ def parse_config(gin_files=(), gin_bindings=(), search_dirs=(REPO_GIN_DIR,)):
     raise ConfigError(str(e)) from None
   check_macros()
   return files
-
-
-def write_operative_config(model_dir):
-  """Writes gin's operative config to `model_dir/config.gin` atomically."""
-  tf.io.gfile.makedirs(model_dir)
-  final = os.path.join(model_dir, "config.gin")
-  tmp = os.path.join(model_dir, f".config.gin.{uuid.uuid4().hex}.tmp")
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(gin.operative_config_str())
-  tf.io.gfile.rename(tmp, final, overwrite=True)
-  return final

@@ -14,6 +14,7 @@ import pytest
 from pycocotools import mask as mask_api
 
 from official_shapemask.dataloaders import shape_priors
+from official_shapemask.modeling import prior_file
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 K = 4
@@ -210,20 +211,20 @@ def test_load_shape_priors(tmp_path, priors_and_summary):
   priors, _ = priors_and_summary
   path = tmp_path / 'p.npy'
   shape_priors.save_array_atomic(priors, path)
-  loaded = shape_priors.load_shape_priors(path, num_classes=91)
+  loaded = prior_file.load_shape_priors(path, num_classes=91)
   assert loaded.dtype == np.float32 and np.array_equal(loaded, priors)
   with pytest.raises(ValueError) as err:
-    shape_priors.load_shape_priors(path, num_classes=81)
+    prior_file.load_shape_priors(path, num_classes=81)
   assert '91' in str(err.value) and '81' in str(err.value)
   assert str(path) in str(err.value)
   with pytest.raises(ValueError, match='class-agnostic'):
-    shape_priors.load_shape_priors(path, class_agnostic=True)
+    prior_file.load_shape_priors(path, class_agnostic=True)
   agnostic = tmp_path / 'a.npy'
   np.save(agnostic, priors[:1])
-  assert shape_priors.load_shape_priors(
+  assert prior_file.load_shape_priors(
       agnostic, num_classes=91, class_agnostic=True).shape == (1, K, 32, 32)
   with pytest.raises(FileNotFoundError, match='nothere.npy'):
-    shape_priors.load_shape_priors(tmp_path / 'nothere.npy')
+    prior_file.load_shape_priors(tmp_path / 'nothere.npy')
   cases = {
       'three_d.npy': (np.zeros((91, 4, 32), np.float32), '4-D'),
       'rect.npy': (np.zeros((2, 4, 32, 16), np.float32), 'square'),
@@ -233,11 +234,11 @@ def test_load_shape_priors(tmp_path, priors_and_summary):
   for name, (array, message) in cases.items():
     np.save(tmp_path / name, array)
     with pytest.raises(ValueError, match=message) as err:
-      shape_priors.load_shape_priors(tmp_path / name)
+      prior_file.load_shape_priors(tmp_path / name)
     assert name in str(err.value)
   (tmp_path / 'text.npy').write_text('not an array')
   with pytest.raises(ValueError, match='text.npy'):
-    shape_priors.load_shape_priors(tmp_path / 'text.npy')
+    prior_file.load_shape_priors(tmp_path / 'text.npy')
 
 
 def test_grid_png(tmp_path, priors_and_summary):

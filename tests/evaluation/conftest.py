@@ -29,7 +29,7 @@ def crop_to_paste_frame(full_mask, outer_box_yxyx, mask_size=MASK_SIZE):
   grid (4x supersampled, area-averaged) and drops the 1-pixel border, i.e. it
   is the crop whose paste reproduces the mask best.
   """
-  # pylint: disable=protected-access
+
   ref = mask_paste._reference_boxes(
       np.asarray([outer_box_yxyx], np.float64), mask_size)[0]
   x0, y0, x1, y1 = (int(v) for v in ref)
@@ -176,7 +176,7 @@ def val_annotation_file(coco_tiny_root):
 
 @pytest.fixture(scope="session")
 def val_coco(val_annotation_file):
-  return coco_utils._quiet_coco(annotation_file=val_annotation_file)  # pylint: disable=protected-access
+  return coco_utils.quiet_coco(annotation_file=val_annotation_file)
 
 
 @pytest.fixture(scope="session")
