@@ -289,9 +289,10 @@ def _normalisation_note(keras_hub, spec):
           f"{mean.tolist()}) / {std.tolist()}; features will differ")
 
 
-def _load_hub_backbone(keras_hub, preset, spec):
+def _load_hub_backbone(keras_hub, preset, spec, load_weights=True):
   try:
-    return keras_hub.models.Backbone.from_preset(spec, dtype="float32")
+    backbone = keras_hub.models.Backbone.from_preset(
+        spec, load_weights=load_weights, dtype="float32")
   except Exception as e:  # pylint: disable=broad-except
     raise RuntimeError(
         f"could not load keras-hub preset {preset!r} ({type(e).__name__}: "
@@ -299,6 +300,55 @@ def _load_hub_backbone(keras_hub, preset, spec):
         "downloaded from Kaggle; without network, point at a local preset "
         "folder (keras_hub.models.Backbone.from_preset(NAME)"
         ".save_to_preset(DIR) where there is network)") from e
+  if not isinstance(backbone, keras_hub.models.ResNetBackbone):
+    raise ValueError(
+        f"keras-hub preset {preset!r} holds a {type(backbone).__name__}, "
+        "not a ResNetBackbone")
+  return backbone
+
+
+def _is_folder_preset(preset, spec):
+  return _is_local_path(spec) or not preset.startswith(KERAS_HUB_PREFIX)
+
+
+def _check_depth(config, preset, depth):
+  """The preset's depth; raises naming both when it is not `depth`."""
+  found = preset_depth(config, preset)
+  if depth is not None and found != depth:
+    raise ValueError(
+        f"keras-hub preset {preset!r} is a ResNet-{found}, but the model's "
+        f"backbone is a ResNet-{depth}")
+  return found
+
+
+def check_keras_hub_preset(preset, depth=None):
+  """Checks a preset before a model is built (e.g. before training starts).
+
+  A local folder: it exists, is a keras-hub preset and holds a ResNet of
+  `depth`, read from its `config.json` (keras-hub is not imported). A
+  `keras_hub:NAME` preset: keras-hub is installed and can fetch the
+  preset's config (downloading it if needed; the weights are fetched by
+  `restore_keras_hub_backbone`), which holds a ResNet of `depth`.
+
+  Args:
+    preset: as for `restore_keras_hub_backbone`.
+    depth: the model's ResNet depth, or None to skip that check.
+
+  Returns:
+    int, the preset's ResNet depth.
+
+  Raises:
+    the errors of `restore_keras_hub_backbone` for the same causes.
+  """
+  preset = str(preset)
+  spec = _preset_spec(preset)
+  if _is_folder_preset(preset, spec):
+    config = _check_local_folder(preset, spec).get("config", {})
+  else:
+    keras_hub = _import_keras_hub(preset)
+    config = _load_hub_backbone(keras_hub, preset, spec,
+                                load_weights=False).get_config()
+  return _check_depth(config, preset, depth)
 
 
 def restore_keras_hub_backbone(model, preset, modules="backbone",
@@ -345,27 +395,15 @@ def restore_keras_hub_backbone(model, preset, modules="backbone",
                      "before restoring weights")
   our_depth = backbone.get_config()["depth"]
   spec = _preset_spec(preset)
-
-  def check_depth(config):
-    depth = preset_depth(config, preset)
-    if depth != our_depth:
-      raise ValueError(
-          f"keras-hub preset {preset!r} is a ResNet-{depth}, but the model's "
-          f"backbone is a ResNet-{our_depth}")
+  if _is_folder_preset(preset, spec):  # fails fast, before loading
+    config = _check_local_folder(preset, spec).get("config", {})
+    _check_depth(config, preset, our_depth)
     _check_widths(config, backbone, preset)
-    return depth
-
-  if _is_local_path(spec) or not str(preset).startswith(KERAS_HUB_PREFIX):
-    config = _check_local_folder(preset, spec)
-    check_depth(config.get("config", {}))  # fails fast, before loading
   keras_hub = _import_keras_hub(preset)
   hub_backbone = _load_hub_backbone(keras_hub, preset, spec)
-  if not isinstance(hub_backbone, keras_hub.models.ResNetBackbone):
-    raise ValueError(
-        f"keras-hub preset {preset!r} holds a {type(hub_backbone).__name__}, "
-        "not a ResNetBackbone")
   hub_config = hub_backbone.get_config()
-  depth = check_depth(hub_config)
+  depth = _check_depth(hub_config, preset, our_depth)
+  _check_widths(hub_config, backbone, preset)
   basic = hub_config["block_type"] == "basic_block"
   assignments, identity, factors = _mapped_values(
       backbone, hub_backbone, preset, basic)

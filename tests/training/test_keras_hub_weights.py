@@ -163,6 +163,22 @@ def test_depth_mismatch_names_both_depths(r50):
     np.testing.assert_array_equal(old, np.asarray(new))
 
 
+def test_check_before_building_a_model(r50, tmp_path, monkeypatch):
+  assert keras_hub_weights.check_keras_hub_preset(str(r50.folder), 50) == 50
+  assert keras_hub_weights.check_keras_hub_preset(
+      "keras_hub:" + str(r50.folder)) == 50
+  # A bare name goes to keras-hub (config only), which also finds folders.
+  monkeypatch.chdir(r50.folder.parent)
+  assert keras_hub_weights.check_keras_hub_preset(
+      "keras_hub:" + r50.folder.name, 50) == 50
+  with pytest.raises(RuntimeError, match="local preset folder"):
+    keras_hub_weights.check_keras_hub_preset("keras_hub:no_such_preset_x")
+  with pytest.raises(ValueError, match=r"ResNet-50.*ResNet-101"):
+    keras_hub_weights.check_keras_hub_preset(r50.folder, 101)
+  with pytest.raises(FileNotFoundError, match="no_such_preset"):
+    keras_hub_weights.check_keras_hub_preset(tmp_path / "no_such_preset", 50)
+
+
 def test_width_mismatch_names_both_widths(r50):
   ours = _ours(50, r50.images, width_multiplier=0.5)
   with pytest.raises(ValueError, match=r"stage widths.*width_multiplier 0.5"):
