@@ -43,6 +43,7 @@ def build_shapemask_model(num_classes=91,
                           backbone_width_multiplier=1.0,
                           freeze_early_convs=True,
                           freeze_early_norms=False,
+                          backbone_stem_pool_padding="same",
                           min_level=3,
                           max_level=7,
                           fpn_num_filters=256,
@@ -88,6 +89,9 @@ def build_shapemask_model(num_classes=91,
     freeze_early_norms: bool, also freeze those stages' batch-norm gamma and
       beta (the Model Garden port's behaviour; the reference keeps them
       trainable). See `ResNet`.
+    backbone_stem_pool_padding: "same" (reference) or "symmetric" (the
+      stem max-pool of torchvision/timm/keras-hub ResNets; use it with
+      keras-hub ImageNet weights). See `ResNet`.
     min_level, max_level: pyramid levels used (reference 3..7).
     fpn_num_filters: FPN channels (reference 256).
     head_num_convs, head_num_filters: RetinaNet tower depth and width.
@@ -134,7 +138,9 @@ def build_shapemask_model(num_classes=91,
   backbone = resnet.ResNet(depth=backbone_depth,
                            width_multiplier=backbone_width_multiplier,
                            freeze_early_convs=freeze_early_convs,
-                           freeze_early_norms=freeze_early_norms, **norm)
+                           freeze_early_norms=freeze_early_norms,
+                           stem_pool_padding=backbone_stem_pool_padding,
+                           **norm)
   decoder = fpn.FPN(min_level=min_level, max_level=max_level,
                     num_filters=fpn_num_filters, **norm)
   head = retinanet_head.RetinaNetHead(

@@ -107,7 +107,7 @@ def test_kernel_init_and_batch_norm_settings():
 def test_config_round_trip_non_default():
   backbone = ResNet(depth=18, width_multiplier=0.5, freeze_early_convs=False,
                     norm_momentum=0.9, norm_epsilon=1e-3, use_sync_bn=True,
-                    name="my_resnet")
+                    stem_pool_padding="symmetric", name="my_resnet")
   config = backbone.get_config()
   clone = ResNet.from_config(config)
   # Registered: revived by name, with no custom_objects.
@@ -117,6 +117,7 @@ def test_config_round_trip_non_default():
   assert clone.get_config() == config
   assert config["depth"] == 18 and config["width_multiplier"] == 0.5
   assert config["freeze_early_convs"] is False
+  assert config["stem_pool_padding"] == "symmetric"
   x = np.zeros((1, 64, 64, 3), np.float32)
   backbone(x)
   clone(x)
@@ -130,3 +131,47 @@ def test_config_round_trip_non_default():
 def test_rejects_unknown_depth():
   with pytest.raises(ValueError, match="depth 42"):
     ResNet(depth=42)
+
+
+def _numpy_max_pool(x, before, after):
+  """3x3 / 2 max-pool of [B, H, W, C] padded with -inf (before, after)."""
+  x = np.pad(x, [[0, 0], [before, after], [before, after], [0, 0]],
+             constant_values=-np.inf)
+  out_h, out_w = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
+  out = np.full((x.shape[0], out_h, out_w, x.shape[3]), -np.inf, np.float32)
+  for dy in range(3):
+    for dx in range(3):
+      out = np.maximum(out, x[:, dy:dy + 2 * out_h:2, dx:dx + 2 * out_w:2])
+  return out
+
+
+@pytest.mark.parametrize("size", [64, 66])
+def test_stem_pool_padding(size):
+  """SAME pads (0, 1) on an even stem output, symmetric (1, 1) always."""
+  images = np.random.default_rng(1).normal(
+      size=(1, size, size, 3)).astype(np.float32)
+  same = ResNet(depth=10, width_multiplier=0.25)
+  symmetric = ResNet(depth=10, width_multiplier=0.25,
+                     stem_pool_padding="symmetric")
+  same(images)
+  symmetric(images)
+  symmetric.set_weights(same.get_weights())
+  stem = np.asarray(same.stem(images, training=False))
+  even = stem.shape[1] % 2 == 0
+  for backbone, before in ((same, 0 if even else 1), (symmetric, 1)):
+    x = _numpy_max_pool(stem, before, 1)
+    assert x.shape[1] == -(-stem.shape[1] // 2)
+    for blocks in backbone.groups:
+      for block in blocks:
+        x = block(x, training=False)
+    np.testing.assert_allclose(
+        np.asarray(backbone(images, training=False)["5"]), np.asarray(x),
+        rtol=1e-5, atol=1e-5)
+  c5_same = np.asarray(same(images, training=False)["5"])
+  c5_symmetric = np.asarray(symmetric(images, training=False)["5"])
+  assert np.allclose(c5_same, c5_symmetric, rtol=1e-5, atol=1e-5) != even
+
+
+def test_rejects_unknown_stem_pool_padding():
+  with pytest.raises(ValueError, match="stem_pool_padding.*'valid'"):
+    ResNet(depth=10, stem_pool_padding="valid")

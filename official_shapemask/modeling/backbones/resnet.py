@@ -6,6 +6,9 @@ after every convolution (momentum 0.997, epsilon 1e-4, gamma initialised to
 1) and no convolution biases. Convolutions with stride > 1 use "fixed"
 padding: an explicit symmetric pad of ``kernel_size - 1`` (split floor/ceil)
 followed by a VALID convolution; stride-1 convolutions use SAME padding.
+The 3x3 / 2 max-pool after the stem uses SAME padding as in the reference,
+or, with ``stem_pool_padding="symmetric"``, one pixel on each side as in
+torchvision, timm and keras-hub ResNets (see `ResNet`).
 """
 
 import keras
@@ -26,6 +29,7 @@ RESNET_SPECS = {
 _GROUP_FILTERS = (64, 128, 256, 512)
 _GROUP_STRIDES = (1, 2, 2, 2)
 _STEM_FILTERS = 64
+STEM_POOL_PADDINGS = ("same", "symmetric")
 
 
 def _conv_kernel_initializer():
@@ -199,6 +203,15 @@ class ResNet(keras.layers.Layer):
     norm_momentum: float, BatchNorm momentum. Default 0.997.
     norm_epsilon: float, BatchNorm epsilon. Default 1e-4.
     use_sync_bn: bool, cross-replica BatchNorm. Default False.
+    stem_pool_padding: str, padding of the 3x3 / 2 max-pool after the stem.
+      "same" (the reference): TensorFlow SAME, which on an even-sized stem
+      output pads one row and column after only, so window ``i`` covers
+      stem pixels ``2i .. 2i+2``. "symmetric": one row and column on each
+      side (torchvision, timm and keras-hub ResNets), so window ``i``
+      covers ``2i-1 .. 2i+1``. Both give ``ceil(n / 2)`` outputs and agree
+      on odd-sized stem outputs. Use "symmetric" with ImageNet weights
+      trained that way (keras-hub presets) to reproduce their features
+      exactly. Default "same".
 
   Call args:
     images: float tensor ``[B, H, W, 3]``.
@@ -213,7 +226,7 @@ class ResNet(keras.layers.Layer):
 
   def __init__(self, depth=50, width_multiplier=1.0, freeze_early_convs=True,
                norm_momentum=0.997, norm_epsilon=1e-4, use_sync_bn=False,
-               freeze_early_norms=False, **kwargs):
+               freeze_early_norms=False, stem_pool_padding="same", **kwargs):
     super().__init__(**kwargs)
     if depth not in RESNET_SPECS:
       raise ValueError(
@@ -222,11 +235,16 @@ class ResNet(keras.layers.Layer):
     if width_multiplier <= 0:
       raise ValueError(
           f"ResNet: width_multiplier must be > 0, got {width_multiplier}.")
+    if stem_pool_padding not in STEM_POOL_PADDINGS:
+      raise ValueError(
+          f"ResNet: stem_pool_padding must be one of {STEM_POOL_PADDINGS}, "
+          f"got {stem_pool_padding!r}.")
     self._config = dict(
         depth=depth, width_multiplier=width_multiplier,
         freeze_early_convs=freeze_early_convs, norm_momentum=norm_momentum,
         norm_epsilon=norm_epsilon, use_sync_bn=use_sync_bn,
-        freeze_early_norms=freeze_early_norms)
+        freeze_early_norms=freeze_early_norms,
+        stem_pool_padding=stem_pool_padding)
     block_type, blocks_per_group = RESNET_SPECS[depth]
     norm = dict(norm_momentum=norm_momentum, norm_epsilon=norm_epsilon,
                 use_sync_bn=use_sync_bn, dtype=self.dtype_policy)
@@ -277,7 +295,12 @@ class ResNet(keras.layers.Layer):
 
   def call(self, images, training=None):
     x = self.stem(images, training=training)
-    x = ops.max_pool(x, pool_size=3, strides=2, padding="same")
+    if self._config["stem_pool_padding"] == "symmetric":
+      # The stem ends in a ReLU: zero padding never wins a max, like -inf.
+      x = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+      x = ops.max_pool(x, pool_size=3, strides=2, padding="valid")
+    else:
+      x = ops.max_pool(x, pool_size=3, strides=2, padding="same")
     features = {}
     for level, blocks in enumerate(self.groups, start=2):
       for block in blocks:
