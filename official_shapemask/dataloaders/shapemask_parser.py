@@ -36,6 +36,9 @@ VOC_CLASS_IDS = (1, 2, 3, 4, 5, 6, 7, 9, 16, 17, 18, 19, 20, 21, 44, 62, 63,
                  64, 67, 72)
 _MODES = ('train', 'eval')
 _MASK_TRAIN_CLASSES = ('all', 'voc', 'nonvoc')
+# 'pad_2020': the reference since tensorflow/tpu commit 3929aef (2020-04-29);
+# 'seed_2019': the parser behind the seed's benchmark numbers (Nov 2019).
+MASK_SAMPLERS = ('pad_2020', 'seed_2019')
 _INT31_MAX = 2**31 - 1
 
 
@@ -83,6 +86,38 @@ def _outer_boxes(boxes, scale, size):
   outer = tf.stack([center_y - half_h, center_x - half_w,
                     center_y + half_h, center_x + half_w], axis=-1)
   return _clip_boxes(outer, size)
+
+
+def _sample_mask_slots(num_masks, num_slots, sampler, seed):
+  """Draws the instance behind each mask slot.
+
+  ``'pad_2020'``: a random permutation of the ``n`` instances, clipped to
+  ``num_slots`` or padded with empty slots. ``'seed_2019'``: a random
+  permutation of ``range(max(n, num_slots))`` taken modulo ``n`` and clipped
+  to ``num_slots``: with ``n < num_slots`` every instance fills
+  ``num_slots // n`` or one more slots and no slot is empty; with
+  ``n >= num_slots`` both samplers pick ``num_slots`` distinct instances.
+  With ``n = 0`` every slot is empty under both.
+
+  Args:
+    num_masks: int32 scalar tensor ``n``, the number of instances.
+    num_slots: python int, the number of mask slots.
+    sampler: one of ``MASK_SAMPLERS``.
+    seed: int ``[2]`` stateless seed.
+
+  Returns:
+    int32 ``[num_slots]`` instance indices in ``[0, n]``; ``n`` marks an
+    empty slot.
+  """
+  if sampler == 'pad_2020':
+    order = tf.argsort(tf.random.stateless_uniform([num_masks], seed))
+    pick = tf.concat([order, tf.fill([num_slots], num_masks)], 0)[:num_slots]
+  else:
+    total = tf.maximum(num_masks, num_slots)
+    order = tf.argsort(tf.random.stateless_uniform([total], seed))
+    # n = 0: every index modulo 1 is 0 = n, the empty slot.
+    pick = tf.math.floormod(order[:num_slots], tf.maximum(num_masks, 1))
+  return tf.ensure_shape(pick, [num_slots])
 
 
 def _pad_or_clip(tensor, size, value):
@@ -149,6 +184,15 @@ class Parser:
     box_jitter_scale: std of the box jitter noise (0 disables).
     mask_train_class: 'all', 'voc' or 'nonvoc': only slots whose class is in
       that split are valid.
+    mask_sampler: how the ``N`` mask slots are filled in training.
+      ``'pad_2020'`` (the reference since April 2020): the instances in
+      random order, clipped to ``N`` or padded with empty slots (class 0,
+      zero box and targets). ``'seed_2019'`` (the parser behind the seed's
+      benchmark numbers): instances repeat to fill all ``N`` slots, which
+      are empty only when the image has no instance. In both, with
+      ``mask_train_class='all'``, ``mask_is_valid`` is 1 for every slot of
+      an image with at least one instance (so padded slots of
+      ``'pad_2020'`` count as all-background targets) and 0 otherwise.
     use_bfloat16: cast the image to bfloat16.
     mode: 'train' or 'eval'.
     seed: optional python int, see above.
@@ -174,6 +218,7 @@ class Parser:
                outer_box_scale=1.25,
                box_jitter_scale=0.025,
                mask_train_class='all',
+               mask_sampler='pad_2020',
                use_bfloat16=False,
                mode='train',
                seed=None):
@@ -190,6 +235,9 @@ class Parser:
     if mask_train_class not in _MASK_TRAIN_CLASSES:
       raise ValueError(f'mask_train_class must be one of '
                        f'{_MASK_TRAIN_CLASSES}, got {mask_train_class!r}.')
+    if mask_sampler not in MASK_SAMPLERS:
+      raise ValueError(f'mask_sampler must be one of {MASK_SAMPLERS}, got '
+                       f'{mask_sampler!r}.')
     if not 0.0 < aug_scale_min <= aug_scale_max:
       raise ValueError(f'need 0 < aug_scale_min <= aug_scale_max, got '
                        f'{aug_scale_min}, {aug_scale_max}.')
@@ -208,6 +256,7 @@ class Parser:
     self._outer_box_scale = float(outer_box_scale)
     self._box_jitter_scale = float(box_jitter_scale)
     self._mask_train_class = mask_train_class
+    self._mask_sampler = mask_sampler
     self._use_bfloat16 = use_bfloat16
     self._seed = seed
     self._decoder = tf_example_decoder.TfExampleDecoder()
@@ -223,6 +272,11 @@ class Parser:
   @property
   def mode(self):
     return self._mode
+
+  @property
+  def mask_sampler(self):
+    """``'pad_2020'`` or ``'seed_2019'``, see the class docstring."""
+    return self._mask_sampler
 
   @property
   def num_anchors(self):
@@ -301,13 +355,11 @@ class Parser:
     cls_targets, box_targets, num_positives = self._labeler.label_anchors(
         boxes, classes)
 
-    # Mask sampling (reference HEAD): random permutation, then clip or
-    # zero-pad to num_sampled_masks. Slot index `n` is an all-zero dummy.
+    # Mask sampling; slot index `n` is an all-zero dummy instance.
     num_slots = self._num_sampled_masks
     num_masks = tf.shape(classes)[0]
-    order = tf.argsort(tf.random.stateless_uniform([num_masks], perm_seed))
-    pick = tf.concat([order, tf.fill([num_slots], num_masks)], 0)[:num_slots]
-    pick = tf.ensure_shape(pick, [num_slots])
+    pick = _sample_mask_slots(num_masks, num_slots, self._mask_sampler,
+                              perm_seed)
     sampled_boxes = tf.gather(
         tf.concat([boxes, tf.zeros([1, 4], tf.float32)], 0), pick)
     sampled_classes = tf.gather(

@@ -344,6 +344,68 @@ def test_voc_split_marks_only_voc_slots_valid(train_records):
   assert seen['voc'] > 0 and seen['other'] > 0
 
 
+def _slot_instances(labels, instance_boxes, instance_classes):
+  """Index of the instance in each slot (by box and class), -1 if empty."""
+  boxes = labels['mask_boxes'].numpy()
+  classes = labels['mask_classes'].numpy()
+  index = []
+  for box, cls in zip(boxes, classes):
+    if cls == 0:
+      assert not np.any(box)
+      index.append(-1)
+      continue
+    match = np.flatnonzero(
+        np.all(np.abs(instance_boxes - box) < 1e-4, axis=1) &
+        (instance_classes == cls))
+    assert len(match) == 1, (box, cls)
+    index.append(int(match[0]))
+  return np.array(index)
+
+
+@pytest.mark.parametrize('sampler', shapemask_parser.MASK_SAMPLERS)
+def test_mask_sampler_fills_slots_by_its_rule(train_records, sampler):
+  every = tf.function(_plain_train_parser(num_sampled_masks=64))
+  parse = tf.function(_plain_train_parser(mask_sampler=sampler))
+  sizes = set()
+  for record in train_records[:12]:
+    _, all_labels = every(tf.constant(record))
+    classes = all_labels['mask_classes'].numpy()
+    n = int(np.sum(classes > 0))
+    instances = (all_labels['mask_boxes'].numpy()[classes > 0],
+                 classes[classes > 0])
+    _, labels = parse(tf.constant(record))
+    index = _slot_instances(labels, *instances)
+    counts = np.bincount(index[index >= 0], minlength=n)
+    if sampler == 'pad_2020' or n >= 8:
+      # Distinct instances, then empty slots.
+      assert np.sum(index >= 0) == min(n, 8) and counts.max() == 1
+      assert np.all(index[:min(n, 8)] >= 0)
+    else:
+      # Slot i of a permutation of 0..7 holds instance i mod n: the j-th
+      # instance fills len(range(j, 8, n)) slots, none is empty (`every`
+      # lists the instances in its own random order, hence the sort).
+      np.testing.assert_array_equal(np.sort(counts)[::-1],
+                                    [len(range(j, 8, n)) for j in range(n)])
+    np.testing.assert_array_equal(labels['mask_is_valid'].numpy(),
+                                  np.ones(8, np.float32))
+    for key in ('mask_targets', 'fine_mask_targets'):
+      targets = labels[key].numpy()
+      assert not np.any(targets[index < 0])
+      assert np.all(targets[index >= 0].sum(axis=(1, 2)) > 0)
+    sizes.add('few' if n < 8 else 'many')
+  assert sizes == {'few', 'many'}
+
+
+def test_mask_samplers_are_seeded(train_records):
+  record = tf.constant(train_records[0])  # 4 instances: slots repeat
+  draws = []
+  for seed in (1, 1, 2):
+    parser = _plain_train_parser(mask_sampler='seed_2019', seed=seed)
+    draws.append(parser(record)[1]['mask_boxes'].numpy())
+  np.testing.assert_array_equal(draws[0], draws[1])
+  assert not np.array_equal(draws[0], draws[2])
+
+
 def test_seeded_parses_are_reproducible(train_records):
   record = tf.constant(train_records[3])
   a = shapemask_parser.Parser(S, mode='train', seed=5)(record)
@@ -414,6 +476,8 @@ def test_rejects_bad_settings():
     shapemask_parser.Parser(200)
   with pytest.raises(ValueError, match='mask_train_class'):
     shapemask_parser.Parser(S, mask_train_class='coco')
+  with pytest.raises(ValueError, match="mask_sampler.*'seed'"):
+    shapemask_parser.Parser(S, mask_sampler='seed')
 
 
 def _example(num_boxes, with_masks, source_id=b'17'):
@@ -443,12 +507,15 @@ def _example(num_boxes, with_masks, source_id=b'17'):
       feature=features)).SerializeToString()
 
 
-def test_image_without_instances():
+@pytest.mark.parametrize('sampler', shapemask_parser.MASK_SAMPLERS)
+def test_image_without_instances(sampler):
   record = tf.constant(_example(0, with_masks=True))
-  _, labels = shapemask_parser.Parser(128, mode='train', seed=0)(record)
+  _, labels = shapemask_parser.Parser(128, mode='train', seed=0,
+                                      mask_sampler=sampler)(record)
   assert labels['num_positives'].numpy() == 0
   assert np.all(labels['cls_targets'].numpy() == -1)
   assert np.all(labels['mask_is_valid'].numpy() == 0)
+  assert np.all(labels['mask_classes'].numpy() == 0)
   assert np.all(labels['mask_targets'].numpy() == 0)
   _, labels = shapemask_parser.Parser(128, mode='eval')(record)
   assert labels['groundtruths']['num_detections'].numpy() == 0

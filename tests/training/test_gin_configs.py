@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
@@ -53,6 +54,10 @@ EXPECTED = {
         101),
     "tiny_cpu.gin": _row(4, 200, 20, 0.002, 0.02, (150,), (0.002,), 128, 10),
 }
+# The parser's mask sampler: the seed's runs used the seed-era one; the
+# CPU-sized configs keep the parser's default (docs/architecture.md).
+SEED_SAMPLER = {n: "seed_2019" for n in EXPECTED}
+SEED_SAMPLER.update({"tiny_cpu.gin": "pad_2020", "demo.gin": "pad_2020"})
 # Any other file (demo.gin, ...) is parsed, checked against its own macros
 # and, when small, built.
 OTHERS = [n for n in GIN_FILES if n not in EXPECTED]
@@ -165,6 +170,30 @@ def test_scaling_rows_change_only_the_schedule(name, data_paths):
   r101 = _model_bindings()
   _parse(name, data_paths)
   assert _model_bindings() == r101
+
+
+@pytest.mark.parametrize("name", GIN_FILES)
+def test_mask_sampler_of_each_config(name, data_paths):
+  _parse(name, data_paths)
+  sampler = gin.get_bindings(shapemask_parser.Parser).get(
+      "mask_sampler", "pad_2020")
+  assert sampler in shapemask_parser.MASK_SAMPLERS
+  if name in SEED_SAMPLER:
+    assert sampler == SEED_SAMPLER[name]
+
+
+def test_mask_sampler_binding_reaches_the_train_parser(data_paths,
+                                                       monkeypatch):
+  built = []
+  monkeypatch.setattr(experiment.input_reader, "build_dataset",
+                      lambda pattern, parser, *args, **kwargs:
+                      built.append(parser))
+  for sampler in shapemask_parser.MASK_SAMPLERS:
+    _parse("tiny_cpu.gin", data_paths, f"Parser.mask_sampler = '{sampler}'")
+    model = factory.build_shapemask_model()
+    experiment.make_train_dataset_fn("unused-*", 4, model)(
+        tf.distribute.InputContext())
+    assert (built[-1].mode, built[-1].mask_sampler) == ("train", sampler)
 
 
 def _check_built(model, name, data_paths):
