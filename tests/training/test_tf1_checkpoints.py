@@ -289,21 +289,3 @@ def test_a_hanging_read_times_out(monkeypatch):
                      match="gs://bucket/ckpt.*within 0.5 s"):
     tf1_checkpoints.open_checkpoint("gs://bucket/ckpt", timeout_s=0.5)
   assert time.time() - start < 5
-
-
-def test_dispatch_tells_the_kinds_apart(model, whole_file, tmp_path):
-  path, _ = whole_file
-  assert init_checkpoint.checkpoint_kind(path) == init_checkpoint.TF1
-  ours = tf.train.Checkpoint(model=model).write(str(tmp_path / "ours"))
-  assert init_checkpoint.checkpoint_kind(ours) == init_checkpoint.TF2
-  weights = checkpoints.save_backbone_weights(
-      model, str(tmp_path / "b.weights.h5"))
-  assert init_checkpoint.checkpoint_kind(weights) == (
-      init_checkpoint.KERAS_WEIGHTS)
-  lines = []
-  init_checkpoint.restore(_small_model(), weights, "backbone",
-                          prefix="resnet10/", print_fn=lines.append)
-  assert "RESNET_CHECKPOINT_PREFIX='resnet10/' is not used" in lines[0]
-  report = init_checkpoint.restore(_small_model(), path, "backbone",
-                                   print_fn=None)
-  assert {p.split("/")[1] for p, _ in report.restored} == {"backbone"}
