@@ -24,6 +24,18 @@ TF2 = "tf2"
 TF1 = "tf1"
 
 
+def _kind_and_names(path, timeout_s):
+  """`(kind, name -> shape or None)`; reads the file's index once."""
+  if checkpoints.is_keras_weights_file(path):
+    exists = tf1_checkpoints.call_with_timeout(
+        lambda: tf.io.gfile.exists(path), timeout_s, path)
+    if not exists:
+      raise FileNotFoundError(f"Keras weights file not found: {path}")
+    return KERAS_WEIGHTS, None
+  _, _, shapes = tf1_checkpoints.open_checkpoint(path, timeout_s)
+  return (TF1 if tf1_checkpoints.is_name_based(shapes) else TF2), shapes
+
+
 def checkpoint_kind(path, timeout_s=tf1_checkpoints.OPEN_TIMEOUT_S):
   """`keras_weights`, `tf2` or `tf1` for the file at `path`.
 
@@ -31,14 +43,7 @@ def checkpoint_kind(path, timeout_s=tf1_checkpoints.OPEN_TIMEOUT_S):
     FileNotFoundError: nothing at `path`.
     OSError: `path` cannot be read (within `timeout_s` for remote paths).
   """
-  if checkpoints.is_keras_weights_file(path):
-    exists = tf1_checkpoints.call_with_timeout(
-        lambda: tf.io.gfile.exists(path), timeout_s, path)
-    if not exists:
-      raise FileNotFoundError(f"Keras weights file not found: {path}")
-    return KERAS_WEIGHTS
-  _, _, shapes = tf1_checkpoints.open_checkpoint(path, timeout_s)
-  return TF1 if tf1_checkpoints.is_name_based(shapes) else TF2
+  return _kind_and_names(path, timeout_s)[0]
 
 
 def validate(path, prefix=None, modules="backbone", depth=None,
@@ -66,9 +71,10 @@ def validate(path, prefix=None, modules="backbone", depth=None,
   if modules not in checkpoints.MODULES:
     raise ValueError(f"init_checkpoint_modules={modules!r} is not one of "
                      f"{sorted(checkpoints.MODULES)}")
-  kind = checkpoint_kind(path, timeout_s)
-  if kind == TF1 and depth is not None:
-    _, _, shapes = tf1_checkpoints.open_checkpoint(path, timeout_s)
+  kind, shapes = _kind_and_names(path, timeout_s)
+  wanted = checkpoints.MODULES[modules]
+  if kind == TF1 and depth is not None and (wanted is None or
+                                            "backbone" in wanted):
     tf1_checkpoints.check_backbone(path, shapes, prefix, depth)
   return kind
 

@@ -52,7 +52,7 @@ OPEN_TIMEOUT_S = 60
 _SLOT = re.compile(
     r"/(Momentum|ExponentialMovingAverage|Adam(_\d+)?|RMSProp(_\d+)?|"
     r"Adagrad|LARS|Ftrl(_\d+)?)$")
-_CLASSIFIER = re.compile(r"^(.*/)?dense(_\d+)?/(kernel|bias)$")
+_CLASSIFIER = re.compile(r"^dense(_\d+)?/(kernel|bias)$")
 _RESNET_SCOPE = re.compile(r"^resnet(\d+)/conv2d/kernel$")
 _TF2_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
@@ -189,7 +189,8 @@ def check_backbone(path, shapes, prefix, depth):
 
   if stem is None:
     raise ValueError(
-        f"prefix {prefix!r} matches none of the model's backbone variables "
+        f"{path}: prefix {prefix!r} matches none of the model's backbone "
+        "variables "
         f"(they are {scope}...: the model is ResNet-{depth}); for the "
         f"seed's ImageNet file of this depth use prefix {scope!r}")
   base = stem[:-len("conv2d/kernel")]
@@ -217,7 +218,7 @@ def check_backbone(path, shapes, prefix, depth):
         f"({expected} convolutions)")
 
 
-def _ignored_counts(unused, prefix):
+def _ignored_counts(unused):
   """Counts of the file's names that no restored variable used."""
   counts = {"global_step": 0, "optimizer slots": 0, "classifier": 0,
             "other": 0}
@@ -227,8 +228,7 @@ def _ignored_counts(unused, prefix):
       counts["global_step"] += 1
     elif _SLOT.search(name):
       counts["optimizer slots"] += 1
-    elif prefix and _CLASSIFIER.match(name) and "/" not in name.split(
-        "dense")[0].rstrip("/"):
+    elif _CLASSIFIER.match(name):  # An ImageNet file's root-level classifier.
       counts["classifier"] += 1
     else:
       counts["other"] += 1
@@ -332,7 +332,7 @@ def restore(model, path, prefix=None, modules="backbone", print_fn=print):
       report.skipped.append(
           (paths.get(id(priors), priors.path),
            "not in TF1 checkpoints (comes from shape_prior_path)"))
-  counts, other = _ignored_counts(set(shapes) - used, prefix)
+  counts, other = _ignored_counts(set(shapes) - used)
   report.ignored = counts
   report.ignored_examples = sorted(other)[:5]
   if print_fn is not None:
