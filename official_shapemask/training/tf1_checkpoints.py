@@ -270,8 +270,11 @@ def restore(model, path, prefix=None, modules="backbone", print_fn=print):
   wanted = module_sets[modules]
   if wanted is None or "backbone" in wanted:
     check_backbone(path, shapes, prefix, depth)
-  paths = {id(v): p
-           for p, v in restore_report.model_variable_paths(model).items()}
+  try:  # The table's paths: TensorFlow's object paths, as restore_partial.
+    paths = {id(v): p
+             for p, v in restore_report.model_variable_paths(model).items()}
+  except AttributeError:  # Another Keras backend: Keras' variable paths.
+    paths = {}
   report = restore_report.RestoreReport(restored=[], skipped=[])
   mismatched, used = [], set()
   found_in = {}  # module -> [found, missing names]

@@ -289,3 +289,43 @@ def test_a_hanging_read_times_out(monkeypatch):
                      match="gs://bucket/ckpt.*within 0.5 s"):
     tf1_checkpoints.open_checkpoint("gs://bucket/ckpt", timeout_s=0.5)
   assert time.time() - start < 5
+
+
+_JAX_SCRIPT = """
+import sys
+import numpy as np
+import tensorflow as tf
+import keras
+from official_shapemask.modeling import factory
+from official_shapemask.training import checkpoints, tf1_names
+assert keras.backend.backend() == "jax"
+model = factory.build_shapemask_model(
+    num_classes=5, num_clusters=2, image_size=64, backbone_depth=10,
+    backbone_width_multiplier=0.25, min_level=3, max_level=5,
+    fpn_num_filters=16, head_num_convs=1, head_num_filters=16,
+    num_downsample_channels=8, mask_num_convs=1, mask_num_filters=8,
+    pre_nms_num_boxes=100)
+rng = np.random.default_rng(0)
+values = {}
+for e in tf1_names.tf1_variables(model):
+  shape = tuple(e.variable.shape)[2:] if e.dense_to_conv else tuple(
+      e.variable.shape)
+  values[e.name] = rng.uniform(0.1, 0.9, shape).astype(np.float32)
+names = sorted(values)
+tf.raw_ops.SaveV2(prefix=sys.argv[1], tensor_names=names,
+                  shape_and_slices=[""] * len(names),
+                  tensors=[tf.constant(values[n]) for n in names])
+report = checkpoints.restore_tf1_checkpoint(model, sys.argv[1], modules="all",
+                                            print_fn=None)
+kernel = keras.ops.convert_to_numpy(model.prior_head.shape_prior_fc.kernel)
+assert np.array_equal(kernel[0, 0], values["prior_mask/dense/kernel"])
+print("RESTORED", len(report.restored), len(values))
+"""
+
+
+@pytest.mark.slow  # A JAX subprocess: about 30 s on a quiet machine.
+def test_restores_under_the_jax_backend(run_under_jax, tmp_path):
+  result = run_under_jax(_JAX_SCRIPT, str(tmp_path / "tf1.ckpt"), timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith("RESTORED")]
+  assert line and line[0].split()[1] == line[0].split()[2], result.stdout
