@@ -36,8 +36,8 @@ count differs), and a module that the file holds only in part. The name
 mapping is `tf1_names`.
 """
 
-import concurrent.futures
 import re
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -64,18 +64,28 @@ class CheckpointTimeoutError(OSError):
 def call_with_timeout(fn, timeout_s, what):
   """`fn()`, or CheckpointTimeoutError naming `what` after `timeout_s`.
 
-  The call runs in a daemon thread that is left behind on timeout (a
-  blocked network read cannot be cancelled from Python).
+  The call runs in a daemon thread, which is left behind on timeout (a
+  blocked network read cannot be cancelled from Python) and does not keep
+  the process from exiting.
   """
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-  future = pool.submit(fn)
-  pool.shutdown(wait=False)
-  try:
-    return future.result(timeout=timeout_s)
-  except concurrent.futures.TimeoutError:
+  outcome = {}
+
+  def run():
+    try:
+      outcome["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      outcome["error"] = e
+
+  thread = threading.Thread(target=run, name="open-checkpoint", daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  if thread.is_alive():
     raise CheckpointTimeoutError(
         f"reading {what} did not finish within {timeout_s} s (no network "
-        "access to it?)") from None
+        "access to it?)")
+  if "error" in outcome:
+    raise outcome["error"]
+  return outcome["value"]
 
 
 def saved_model_variables(path):

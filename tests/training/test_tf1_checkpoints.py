@@ -6,6 +6,9 @@ are the reference's is shown by tests/reference/test_tf1_parity.py, which
 reads files written by the seed's own code.
 """
 import os
+import pathlib
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -19,6 +22,7 @@ from official_shapemask.training import init_checkpoint
 from official_shapemask.training import tf1_checkpoints
 from official_shapemask.training import tf1_names
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL = dict(image_size=64, backbone_depth=10, backbone_width_multiplier=0.25,
              min_level=3, max_level=5, fpn_num_filters=16, head_num_convs=1,
              head_num_filters=16, num_downsample_channels=8, mask_num_convs=1,
@@ -329,3 +333,28 @@ def test_restores_under_the_jax_backend(run_under_jax, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   line = [l for l in result.stdout.splitlines() if l.startswith("RESTORED")]
   assert line and line[0].split()[1] == line[0].split()[2], result.stdout
+
+
+_HANG_SCRIPT = """
+import time
+from official_shapemask.training import tf1_checkpoints
+tf1_checkpoints._open = lambda path: time.sleep(600)
+start = time.time()
+try:
+  tf1_checkpoints.open_checkpoint("gs://bucket/ckpt", timeout_s=1)
+except tf1_checkpoints.CheckpointTimeoutError as e:
+  print("TIMEOUT", round(time.time() - start, 1), e)
+"""
+
+
+def test_a_timed_out_read_does_not_keep_the_process_alive(tmp_path):
+  start = time.time()
+  result = subprocess.run(
+      [sys.executable, "-c", _HANG_SCRIPT], cwd=REPO_ROOT, timeout=300,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=str(REPO_ROOT)),
+      capture_output=True, text=True, check=False)
+  seconds = time.time() - start
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "TIMEOUT" in result.stdout and "within 1 s" in result.stdout
+  assert seconds < 120, seconds  # The read itself would take 600 s.
