@@ -12,6 +12,8 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COCO_TINY = (REPO_ROOT / ".." / "shared" / "data" / "coco_tiny160").resolve()
+SHARED = (REPO_ROOT / ".." / "shared").resolve()
+TF1_REFERENCE = SHARED / "reference" / "tpu_detection"
 
 # Keep TensorFlow quiet and single-process friendly in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,6 +52,37 @@ def tiny_train_records(coco_tiny_root, tmp_path_factory):
   """File pattern of coco_tiny160 train2017 converted to 4 TFRecord shards."""
   return _convert(coco_tiny_root, "train", tmp_path_factory.mktemp("train_rec"),
                   4)
+
+
+@pytest.fixture(scope="session")
+def tf1_reference_root():
+  """The seed's TF1 code (../shared/reference/tpu_detection), an oracle."""
+  if not SHARED.is_dir():
+    pytest.skip(f"shared material not found at {SHARED}")
+  assert (TF1_REFERENCE / "SOURCE.md").is_file(), (
+      f"{SHARED} exists but holds no TF1 reference at {TF1_REFERENCE}")
+  return TF1_REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tf1_oracle(tf1_reference_root, tmp_path_factory):
+  """Folder written once per session by tests/reference/tf1_oracle.py.
+
+  The reference ShapeMask (ResNet-50-FPN, 128 px, 91 classes, random
+  weights) run in its own process (`TF_USE_LEGACY_KERAS=1`): its TF1
+  checkpoints, SavedModel, outputs, losses and detections (see the script).
+  """
+  out = tmp_path_factory.mktemp("tf1_oracle")
+  env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
+             CUDA_VISIBLE_DEVICES="")
+  result = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "tests" / "reference" / "tf1_oracle.py"),
+       f"--reference={tf1_reference_root}", f"--output_dir={out}",
+       "--image_size=128"],
+      env=env, capture_output=True, text=True, timeout=1500, check=False)
+  if result.returncode != 0 or not (out / "done").is_file():
+    pytest.fail("the TF1 reference run failed:\n" + result.stderr[-5000:])
+  return out
 
 
 @pytest.fixture

@@ -261,7 +261,12 @@ def save_model_weights(model, output_path):
     model.save_weights(tmp)
     tf.io.gfile.rename(tmp, output_path, overwrite=True)
     return [output_path]
-  tf.train.Checkpoint(model=model).write(tmp)
+  root = tf.train.Checkpoint(model=model)
+  # Created now so the file holds it: `export.restore_model` (and any
+  # `restore(...).assert_existing_objects_matched()`) expects every object
+  # of a `tf.train.Checkpoint`, the save counter included.
+  _ = root.save_counter
+  root.write(tmp)
   saved = [name for name, _ in tf.train.list_variables(tmp)
            if name.endswith("VARIABLE_VALUE")]
   if len(saved) < len(model.weights):

@@ -18,7 +18,6 @@ Two sources initialise a model (`Experiment.init_checkpoint`):
   and any mismatch (another depth or width) fails naming the file.
 """
 
-import dataclasses
 import os
 import uuid
 
@@ -26,53 +25,12 @@ import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-# Which top-level model attributes each `init_checkpoint_modules` value
-# restores.
-MODULES = {
-    "all": None,
-    "backbone": ("backbone",),
-    "backbone_fpn": ("backbone", "decoder"),
-}
+from official_shapemask.training import restore_report
+from official_shapemask.training import tf1_checkpoints
 
-
-@dataclasses.dataclass
-class RestoreReport:
-  """Outcome of a partial restore: one row per model variable."""
-  restored: list  # [(path, shape)]
-  skipped: list  # [(path, reason)]
-
-  def table(self):
-    rows = [("restored", p, str(tuple(s))) for p, s in self.restored]
-    rows += [("skipped", p, r) for p, r in self.skipped]
-    width = max([len(r[1]) for r in rows] + [8])
-    lines = [f"{'status':<9} {'variable':<{width}} shape / reason"]
-    lines += [f"{a:<9} {b:<{width}} {c}" for a, b, c in rows]
-    lines.append(f"{len(self.restored)} restored, {len(self.skipped)} skipped")
-    return "\n".join(lines)
-
-
-def _is_variable(obj):
-  return isinstance(obj, tf.Variable) or isinstance(
-      getattr(obj, "_value", None), tf.Variable)
-
-
-def model_variable_paths(model, root_name="model"):
-  """Maps `model/<attr>/.../<var>` object paths to the model's variables."""
-  out, seen = {}, set()
-
-  def walk(obj, path):
-    if id(obj) in seen:
-      return
-    seen.add(id(obj))
-    if _is_variable(obj):
-      out[path] = obj
-      return
-    children = obj._trackable_children(save_type="checkpoint")  # pylint: disable=protected-access
-    for name, child in children.items():
-      walk(child, f"{path}/{name}")
-
-  walk(model, root_name)
-  return out
+MODULES = restore_report.MODULES
+RestoreReport = restore_report.RestoreReport
+model_variable_paths = restore_report.model_variable_paths
 
 
 def _checkpoint_keys_by_path(path):
@@ -189,6 +147,29 @@ def restore_keras_weights(model, path, modules="backbone", print_fn=print):
   if print_fn is not None:
     print_fn(f"Restored from {path} (modules={modules}):\n" + report.table())
   return report
+
+
+def restore_tf1_checkpoint(model, path, prefix=None, modules="backbone",
+                           print_fn=print):
+  """Restores `model` from a TF1 name-based checkpoint of the seed's code.
+
+  The seed's ImageNet backbone files (root-level names; `prefix` is the
+  seed's `checkpoint.prefix`, e.g. `resnet101/`), whole-model checkpoints
+  and TF1 SavedModel directories (no prefix). See `tf1_checkpoints` for
+  the name mapping, the prefix semantics and the errors.
+
+  Args:
+    model: a built `ShapeMaskModel`.
+    path: checkpoint prefix, checkpoint directory or SavedModel directory.
+    prefix: graph scope stripped before the lookup (None: full names).
+    modules: `all`, `backbone` or `backbone_fpn`.
+    print_fn: where the restored/skipped table goes (None = silent).
+
+  Returns:
+    a `RestoreReport`.
+  """
+  return tf1_checkpoints.restore(model, path, prefix=prefix, modules=modules,
+                                 print_fn=print_fn)
 
 
 def resolve_checkpoint(path):

@@ -21,7 +21,7 @@ from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
+from official_shapemask.training import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
 from official_shapemask.training import strategies
 from official_shapemask.training import train_loop
@@ -58,12 +58,51 @@ def _model_setting(name):
       factory.build_shapemask_model).parameters[name].default
 
 
+def _unreadable_checkpoint_error(path, error):
+  """The one-line error for an init checkpoint that cannot be read."""
+  depth = _model_setting("backbone_depth")
+  reason = str(error).replace(f"cannot read checkpoint {path}: ", "")
+  preset = (f"'keras_hub:resnet_{depth}_imagenet'" if depth in (50, 101) else
+            "'keras_hub:resnet_50_imagenet' (or _101_)")
+  return InvalidInputError(
+      f"RESNET_CHECKPOINT={path!r} cannot be read ({reason}). Point "
+      "RESNET_CHECKPOINT at a local copy of it (e.g. gsutil cp "
+      f"'{path}.*' DIR/, then RESNET_CHECKPOINT='DIR/"
+      f"{path.rstrip('/').split('/')[-1]}'), or at a keras-hub preset "
+      f"(RESNET_CHECKPOINT={preset}), or train from scratch on purpose "
+      "with RESNET_CHECKPOINT=None")
+
+
+def validate_init_checkpoint(init_checkpoint, prefix=None,
+                             modules="backbone"):
+  """Checks `RESNET_CHECKPOINT` from its names, before anything starts.
+
+  Raises:
+    InvalidInputError: one line naming the file: missing or unreadable
+      (with what to do instead), or not fitting the model's ResNet depth
+      with this prefix.
+  """
+  try:
+    init_ckpt.validate(init_checkpoint, prefix=prefix, modules=modules,
+                       depth=_model_setting("backbone_depth"))
+  except FileNotFoundError as e:
+    if "://" in str(init_checkpoint):
+      raise _unreadable_checkpoint_error(init_checkpoint, e) from None
+    raise InvalidInputError(f"init_checkpoint: {e}") from None
+  except OSError as e:
+    raise _unreadable_checkpoint_error(init_checkpoint, e) from None
+  except ValueError as e:
+    raise InvalidInputError(f"init_checkpoint: {e}") from None
+
+
 def validate_inputs(mode, train_file_pattern, eval_file_pattern,
-                    init_checkpoint):
+                    init_checkpoint, init_checkpoint_prefix=None,
+                    init_checkpoint_modules="backbone"):
   """Fails fast, naming the path, before the strategy starts.
 
   Checks the data patterns of `mode`, the shape-prior file (readable, class
-  count equal to the model's `num_classes`) and the init checkpoint.
+  count equal to the model's `num_classes`) and the init checkpoint
+  (`validate_init_checkpoint`).
 
   Raises:
     InvalidInputError: naming the setting and the path.
@@ -83,10 +122,8 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
     except ValueError as e:  # Names the path and both class counts.
       raise InvalidInputError(str(e)) from None
   if init_checkpoint:
-    try:
-      checkpoints.resolve_checkpoint(init_checkpoint)
-    except FileNotFoundError as e:
-      raise InvalidInputError(f"init_checkpoint: {e}") from None
+    validate_init_checkpoint(init_checkpoint, init_checkpoint_prefix,
+                             init_checkpoint_modules)
 
 
 def model_input_settings(model):
@@ -154,9 +191,16 @@ class Experiment:
       checkpoint_every).
     eval_samples: images evaluated (None = the whole evaluation set).
     max_checkpoints: checkpoints kept.
-    init_checkpoint: ShapeMask checkpoint (prefix or directory) to start from
-      when `model_dir` holds none.
+    init_checkpoint: checkpoint to start from when `model_dir` holds none
+      (`RESNET_CHECKPOINT`): a ShapeMask checkpoint of ours, a Keras
+      weights file, or a TF1 checkpoint / SavedModel of the seed's code
+      (see `init_checkpoint`). None trains from scratch: then nothing is
+      frozen (the early convolutions train, whatever `freeze_early_convs`
+      says), since frozen random kernels would stay random.
     init_checkpoint_modules: `all`, `backbone` or `backbone_fpn`.
+    init_checkpoint_prefix: the seed's `checkpoint.prefix`
+      (`RESNET_CHECKPOINT_PREFIX`, e.g. `resnet101/` for its ImageNet
+      files); used by TF1 checkpoints only.
     gradient_clip_norm: global-norm clip; 0 = none (the reference).
     use_bfloat16: `mixed_bfloat16` policy; None = on for TPU only.
     jit_compile: XLA for the replica step; None = on for TPU only.
@@ -182,6 +226,7 @@ class Experiment:
                max_checkpoints=5,
                init_checkpoint=None,
                init_checkpoint_modules="all",
+               init_checkpoint_prefix=None,
                gradient_clip_norm=0.0,
                use_bfloat16=None,
                jit_compile=None,
@@ -204,6 +249,7 @@ class Experiment:
     self.max_checkpoints = int(max_checkpoints)
     self.init_checkpoint = init_checkpoint
     self.init_checkpoint_modules = init_checkpoint_modules
+    self.init_checkpoint_prefix = init_checkpoint_prefix
     self.gradient_clip_norm = float(gradient_clip_norm)
     on_tpu = strategy_name == "tpu"
     self.use_bfloat16 = on_tpu if use_bfloat16 is None else bool(use_bfloat16)
@@ -222,7 +268,8 @@ class Experiment:
   def start(self, mode):
     """Validates inputs, then starts the strategy and builds everything."""
     validate_inputs(mode, self.train_file_pattern, self.eval_file_pattern,
-                    self.init_checkpoint if mode != "eval" else None)
+                    self.init_checkpoint if mode != "eval" else None,
+                    self.init_checkpoint_prefix, self.init_checkpoint_modules)
     self.timer = train_loop.Timer()  # The seed's clock starts...
     self.strategy = strategies.build_strategy(self.strategy_name, tpu=self.tpu)
     self.chief = strategies.is_chief(self.strategy)
@@ -231,7 +278,8 @@ class Experiment:
     with self.strategy.scope():
       # MEAN-aggregated BN moving statistics: identical on every replica.
       with strategies.replica_consistent_state():
-        self.model = factory.build_shapemask_model()
+        self.model = factory.build_shapemask_model(
+            **self._freeze_settings(say=mode != "eval"))
       self.optimizer = build_momentum_optimizer()
       self.optimizer.build(self.model.trainable_variables)
       self.checkpoint = tf.train.Checkpoint(model=self.model,
@@ -248,15 +296,39 @@ class Experiment:
       operative_config.write_operative_config(self.model_dir)
     return self
 
+  def _freeze_settings(self, say=True):
+    """Model overrides: with no init checkpoint nothing stays frozen."""
+    print_fn = self.print_fn if say else (lambda *a, **k: None)
+    if self.init_checkpoint:
+      if _model_setting("freeze_early_convs"):
+        print_fn("Backbone from RESNET_CHECKPOINT: the stem and conv2_x "
+                 "kernels stay frozen (freeze_early_convs=True).")
+      return {}
+    frozen = [name for name in ("freeze_early_convs", "freeze_early_norms")
+              if _model_setting(name)]
+    if frozen:
+      print_fn(
+          "No RESNET_CHECKPOINT: training from scratch, so the stem and "
+          f"conv2_x train too ({' and '.join(frozen)} set to False; frozen "
+          "random kernels would never learn).")
+      return {name: False for name in frozen}
+    print_fn("No RESNET_CHECKPOINT: training from scratch, every "
+             "backbone layer trains.")
+    return {}
+
   def _restore_or_initialize(self):
     latest = self.manager.latest_checkpoint
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       self.print_fn(f"Resumed from {latest} at step {self.step}")
     elif self.init_checkpoint:
-      checkpoints.restore_partial(self.model, self.init_checkpoint,
-                                  self.init_checkpoint_modules,
-                                  print_fn=self.print_fn)
+      try:
+        init_ckpt.restore(self.model, self.init_checkpoint,
+                          self.init_checkpoint_modules,
+                          prefix=self.init_checkpoint_prefix,
+                          print_fn=self.print_fn)
+      except (OSError, ValueError) as e:
+        raise InvalidInputError(f"init_checkpoint: {e}") from None
 
   @property
   def step(self):
