@@ -91,7 +91,8 @@ def validate_init_checkpoint(init_checkpoint, prefix=None,
     raise InvalidInputError(f"init_checkpoint: {e}") from None
   except OSError as e:
     raise _unreadable_checkpoint_error(init_checkpoint, e) from None
-  except ValueError as e:
+  except (ValueError, ImportError, RuntimeError) as e:
+    # Includes keras-hub presets: not installed, not fetchable, not a ResNet.
     raise InvalidInputError(f"init_checkpoint: {e}") from None
 
 
@@ -327,7 +328,7 @@ class Experiment:
                           self.init_checkpoint_modules,
                           prefix=self.init_checkpoint_prefix,
                           print_fn=self.print_fn)
-      except (OSError, ValueError) as e:
+      except (OSError, ValueError, ImportError, RuntimeError) as e:
         raise InvalidInputError(f"init_checkpoint: {e}") from None
 
   @property

@@ -7,9 +7,11 @@
 | `keras_weights` | a Keras `*.weights.h5` file (`checkpoints.save_backbone_weights`, `model.save_weights`) | `checkpoints.restore_keras_weights` |
 | `tf2` | a ShapeMask training checkpoint of ours (`tf.train.Checkpoint`, prefix or model directory) | `checkpoints.restore_partial` |
 | `tf1` | a TF1 name-based checkpoint of the seed's code: its ImageNet ResNet files (with `RESNET_CHECKPOINT_PREFIX`, e.g. `resnet101/`), whole-model checkpoints, TF1 SavedModel directories | `checkpoints.restore_tf1_checkpoint` |
+| `keras_hub` | a keras-hub ResNet preset: `keras_hub:NAME` (e.g. `keras_hub:resnet_101_imagenet`) or a local preset folder | `keras_hub_weights.restore_keras_hub_backbone` |
 
-`checkpoint_kind` tells them apart (a `.weights.h5` name; otherwise whether
-the checkpoint carries TensorFlow's object graph), `validate` checks a file
+`checkpoint_kind` tells them apart (a `.weights.h5` name; a `keras_hub:`
+name or a folder holding a keras-hub `config.json`; otherwise whether the
+checkpoint carries TensorFlow's object graph), `validate` checks a file
 before any accelerator starts, and `restore` reads it into a built model.
 Another kind of file is one more branch in `checkpoint_kind` and `restore`.
 """
@@ -17,15 +19,19 @@ Another kind of file is one more branch in `checkpoint_kind` and `restore`.
 import tensorflow as tf
 
 from official_shapemask.training import checkpoints
+from official_shapemask.training import keras_hub_weights
 from official_shapemask.training import tf1_checkpoints
 
 KERAS_WEIGHTS = "keras_weights"
 TF2 = "tf2"
 TF1 = "tf1"
+KERAS_HUB = "keras_hub"
 
 
 def _kind_and_names(path, timeout_s):
   """`(kind, name -> shape or None)`; reads the file's index once."""
+  if keras_hub_weights.is_keras_hub_preset(path):
+    return KERAS_HUB, None
   if checkpoints.is_keras_weights_file(path):
     exists = tf1_checkpoints.call_with_timeout(
         lambda: tf.io.gfile.exists(path), timeout_s, path)
@@ -37,7 +43,7 @@ def _kind_and_names(path, timeout_s):
 
 
 def checkpoint_kind(path, timeout_s=tf1_checkpoints.OPEN_TIMEOUT_S):
-  """`keras_weights`, `tf2` or `tf1` for the file at `path`.
+  """`keras_weights`, `tf2`, `tf1` or `keras_hub` for the file at `path`.
 
   Raises:
     FileNotFoundError: nothing at `path`.
@@ -52,7 +58,8 @@ def validate(path, prefix=None, modules="backbone", depth=None,
 
   Reads only the file's index. For a TF1 file whose backbone is wanted,
   checks that the prefix finds a ResNet of `depth` (see
-  `tf1_checkpoints.check_backbone`).
+  `tf1_checkpoints.check_backbone`); for a keras-hub preset, reads its
+  config only (`keras_hub_weights.check_keras_hub_preset`).
 
   Args:
     path: the init checkpoint.
@@ -67,11 +74,19 @@ def validate(path, prefix=None, modules="backbone", depth=None,
   Raises:
     FileNotFoundError, OSError: the file is missing or unreadable.
     ValueError: naming the file, when it cannot initialise the model.
+    ImportError: a keras-hub preset without keras-hub installed.
+    RuntimeError: keras-hub cannot fetch or read the preset's config.
   """
   if modules not in checkpoints.MODULES:
     raise ValueError(f"init_checkpoint_modules={modules!r} is not one of "
                      f"{sorted(checkpoints.MODULES)}")
   kind, shapes = _kind_and_names(path, timeout_s)
+  if kind == KERAS_HUB:
+    if modules != "backbone":
+      raise ValueError(f"init_checkpoint_modules={modules!r}: the keras-hub "
+                       f"preset {path} holds a ResNet only; use 'backbone'")
+    keras_hub_weights.check_keras_hub_preset(path, depth=depth)
+    return kind
   wanted = checkpoints.MODULES[modules]
   if kind == TF1 and depth is not None and (wanted is None or
                                             "backbone" in wanted):
@@ -99,6 +114,9 @@ def restore(model, path, modules="backbone", prefix=None, print_fn=print):
              f"not a TF1 name-based checkpoint ({kind})")
   if kind == KERAS_WEIGHTS:
     return checkpoints.restore_keras_weights(model, path, modules, print_fn)
+  if kind == KERAS_HUB:
+    return keras_hub_weights.restore_keras_hub_backbone(
+        model, path, modules=modules, print_fn=print_fn)
   if kind == TF2:
     return checkpoints.restore_partial(model, path, modules, print_fn)
   return checkpoints.restore_tf1_checkpoint(model, path, prefix=prefix,

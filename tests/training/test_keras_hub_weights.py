@@ -263,3 +263,45 @@ def test_preset_depths():
   assert keras_hub_weights.preset_depth(
       dict(base, block_type="basic_block", stackwise_num_blocks=[3, 4, 6, 3]),
       "p") == 34
+
+
+def test_init_checkpoint_dispatch_takes_presets(r50, tmp_path):
+  """RESNET_CHECKPOINT=<preset> goes through the one init-checkpoint path."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from official_shapemask.modeling import factory  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import experiment  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import gin_utils  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import init_checkpoint  # pylint: disable=g-import-not-at-top
+  folder = str(r50.folder)
+  assert init_checkpoint.checkpoint_kind(folder) == init_checkpoint.KERAS_HUB
+  assert init_checkpoint.checkpoint_kind(
+      "keras_hub:" + folder) == init_checkpoint.KERAS_HUB
+  assert init_checkpoint.validate(folder, depth=50) == "keras_hub"
+  with pytest.raises(ValueError, match="holds a ResNet only"):
+    init_checkpoint.validate(folder, modules="backbone_fpn", depth=50)
+  with gin.unlock_config():
+    gin.clear_config()
+  try:
+    gin_utils.parse_config(["tiny_cpu.gin"], ["TRAIN_FILE_PATTERN='unused'",
+                                              "RESNET_DEPTH=101"])
+    # Checked before any model exists: a ResNet-50 preset, a 101 model.
+    with pytest.raises(experiment.InvalidInputError,
+                       match=r"ResNet-50.*ResNet-101"):
+      experiment.validate_init_checkpoint(folder)
+  finally:
+    with gin.unlock_config():
+      gin.clear_config()
+  model = factory.build_shapemask_model(
+      num_classes=3, image_size=64, backbone_depth=50, min_level=3,
+      max_level=5, fpn_num_filters=16, head_num_convs=1, head_num_filters=16,
+      num_downsample_channels=8, mask_num_convs=1, mask_num_filters=8,
+      num_clusters=2, backbone_stem_pool_padding="symmetric")
+  lines = []
+  report = init_checkpoint.restore(model, folder, "backbone",
+                                   print_fn=lines.append)
+  assert len(report.restored) == len(model.backbone.weights)
+  assert "Restored" in "\n".join(lines)
+  feats = model.backbone(r50.images, training=False)
+  for level, ref in r50.feats.items():
+    err = np.abs(np.asarray(feats[level]) - ref).max() / np.abs(ref).max()
+    assert err < RTOL_OF_MAX, (level, err)
