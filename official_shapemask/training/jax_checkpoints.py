@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from official_shapemask.training import checkpoints
 from official_shapemask.training import experiment
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -181,10 +182,6 @@ class CheckpointManager:
       self._manager.wait_until_finished()
       self._manager.close()
       self._manager = None
-
-
-def keras_weights_path(model_dir, step):
-  return os.path.join(model_dir, f"shapemask-{step}.weights.h5")
 
 
 def write_keras_weights(model, path):
