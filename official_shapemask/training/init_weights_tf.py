@@ -41,7 +41,9 @@ def main(argv):
     model = factory.build_shapemask_model()
     checkpoints.restore_partial(model, checkpoint, modules, print_fn=print)
   except (FileNotFoundError, ValueError) as e:
-    print(f"init_checkpoint {checkpoint}: {e}", file=sys.stderr)
+    # One line, the last of stderr: the engine shows it as the error.
+    print(" ".join(f"init_checkpoint {checkpoint}: {e}".split()),
+          file=sys.stderr)
     return 1
   model.save_weights(output)
   return 0
