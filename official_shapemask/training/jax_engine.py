@@ -24,10 +24,12 @@ What differs is the machinery:
 * Checkpoints: Orbax (`jax_checkpoints`), asynchronous, in
   `model_dir/checkpoints/<step>`; the end of training also writes
   `model_dir/shapemask-<step>.weights.h5` for the TensorFlow export tools.
-* Evaluation: the COCO evaluator on the replicated outputs of
-  `jax_step.PredictStep`; between training rounds of `train_and_eval`
-  COCOeval runs in a background process while training continues, and its
-  table, `eval_<step>.json` and scalars appear when it is done.
+* Evaluation: every process reads the whole evaluation set (batches of
+  `eval_batch_size`, split over all devices); the chief gives the replicated
+  outputs of `jax_step.PredictStep` to the COCO evaluator. Between training
+  rounds of `train_and_eval` COCOeval runs in a background process while
+  training continues, and its table, `eval_<step>.json` and scalars appear
+  when it is done.
 
 A NaN or infinite loss stops the run naming the step, as in the TensorFlow
 loop; nothing from that round is saved.
@@ -141,6 +143,10 @@ class JaxExperiment:
     self.chief = jax.process_index() == 0
     self.distribution = jax_step.data_parallel()
     keras.distribution.set_distribution(self.distribution)
+    if mode != "eval":
+      self._check_batch(self.train_batch_size, "train_batch_size")
+    if mode != "train":
+      self._check_batch(self.eval_batch_size, "eval_batch_size")
     self.use_bfloat16 = _use_bfloat16(s)
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if self.use_bfloat16 else "float32")
@@ -159,7 +165,7 @@ class JaxExperiment:
     if mode != "eval":
       self._restore_or_initialize()
     self.state = self.train_step.state()
-    if self.chief:
+    if self.chief and mode != "eval":  # config.gin stays the training's.
       operative_config.write_operative_config(self.model_dir)
     self.print_fn(
         f"JAX engine: {jax.device_count()} {jax.default_backend()} device(s) "
@@ -234,7 +240,6 @@ class JaxExperiment:
 
   def _make_iterator(self):
     s = self.settings
-    self._check_batch(self.train_batch_size, "train_batch_size")
     dataset_fn = experiment.make_train_dataset_fn(
         s.train_file_pattern, self.train_batch_size, self.model,
         self.use_bfloat16, s.deterministic_input)
@@ -321,7 +326,6 @@ class JaxExperiment:
     step, COCOeval runs in the background and this returns None; the
     results are published when it finishes (at the latest at `close`).
     """
-    self._check_batch(self.eval_batch_size, "eval_batch_size")
     s = self.settings
     dataset = experiment.make_eval_dataset(
         s.eval_file_pattern, self.eval_batch_size, self.model,
