@@ -4,6 +4,10 @@
       --gin_bindings="TRAIN_FILE_PATTERN='gs://bucket/coco/train-*'" \
       --model_dir=gs://bucket/shapemask --mode=train --strategy=tpu --tpu=NAME
 
+The Keras backend chooses the engine: TensorFlow (default) runs the
+tf.distribute loop; `KERAS_BACKEND=jax python train.py ...` runs the JAX
+engine (keras.distribution over every device; same gin files and outputs).
+
 Short gin names are looked up in gin/; paths work too. See README.md for the
 seed's commands and their equivalents.
 """
@@ -34,8 +38,11 @@ _MODE = flags.DEFINE_enum(
 _STRATEGY = flags.DEFINE_enum(
     "strategy", "one_device", ["tpu", "mirrored", "multi_worker",
                                "one_device"],
-    "tf.distribute strategy: tpu (TPUStrategy, --tpu), mirrored (local "
-    "GPUs), multi_worker (MultiWorkerMirrored, reads TF_CONFIG), one_device.")
+    "tf.distribute strategy of the TensorFlow loop: tpu (TPUStrategy, "
+    "--tpu), mirrored (local GPUs), multi_worker (MultiWorkerMirrored, reads "
+    "TF_CONFIG), one_device. With KERAS_BACKEND=jax the JAX engine runs "
+    "instead, data parallel over every device (multi-host: the "
+    "KERAS_DISTRIBUTION_* environment variables).")
 _TPU = flags.DEFINE_string(
     "tpu", None, "TPU name or grpc:// address for --strategy=tpu "
     "(empty on a TPU VM).")
@@ -52,6 +59,13 @@ def main(argv):
   if not _GIN_FILES.value:
     raise app.UsageError("give at least one --gin_file")
   # pylint: disable=g-import-not-at-top
+  import keras
+  if keras.backend.backend() == "jax" and (
+      _STRATEGY.value != "one_device" or _TPU.value):
+    raise app.UsageError(
+        "--strategy and --tpu choose the TensorFlow loop's tf.distribute "
+        "strategy; with KERAS_BACKEND=jax the JAX engine uses every device "
+        "of every process (see README: multi-host)")
   from official_shapemask.training import experiment
   from official_shapemask.training import gin_utils
   from official_shapemask.training import modes

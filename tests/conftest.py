@@ -90,16 +90,18 @@ def run_under_jax():
   """A function running `python -c script *args` with KERAS_BACKEND=jax.
 
   On the CPU, with the repository root and tests/modeling (for
-  `tiny_detector`) on the path; returns the `subprocess.CompletedProcess`
-  (text output). Skips the test when JAX is not installed.
+  `tiny_detector`) on the path; `env` adds environment variables (e.g.
+  `JAX_NUM_CPU_DEVICES`). Returns the `subprocess.CompletedProcess` (text
+  output). Skips the test when JAX is not installed.
   """
   pytest.importorskip("jax")
 
-  def run(script, *args, timeout=600):
+  def run(script, *args, timeout=600, env=None):
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
                TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONPATH=os.pathsep.join(
-                   [str(REPO_ROOT), str(REPO_ROOT / "tests" / "modeling")]))
+                   [str(REPO_ROOT), str(REPO_ROOT / "tests" / "modeling")]),
+               **(env or {}))
     return subprocess.run([sys.executable, "-c", script, *args], env=env,
                           capture_output=True, text=True, timeout=timeout,
                           cwd=str(REPO_ROOT), check=False)

@@ -6,7 +6,10 @@ r"""Exports a trained ShapeMask checkpoint as a SavedModel for serving.
 
 Use the gin files and bindings of the training run (its
 `model_dir/config.gin` works as the only --gin_file). --checkpoint is a
-checkpoint prefix (`.../ckpt-200`) or a model directory (latest checkpoint).
+checkpoint prefix (`.../ckpt-200`), a model directory (latest checkpoint) or
+a whole model's Keras weights file; a model directory of the JAX engine
+(`KERAS_BACKEND=jax python train.py`) gives its newest
+`shapemask-<step>.weights.h5`.
 
 Signatures (see official_shapemask/serving/export.py for shapes):
   serving_default, image_tensor: `images` uint8 [B, H, W, 3], any H, W.
@@ -44,8 +47,9 @@ def _define_flags():
   flags.DEFINE_multi_string(
       'gin_bindings', [], 'gin binding NAME=VALUE (repeatable).')
   flags.DEFINE_string(
-      'checkpoint', None, 'checkpoint prefix or model directory (latest '
-      'checkpoint).')
+      'checkpoint', None, 'checkpoint prefix, model directory (latest '
+      'checkpoint; JAX engine: newest shapemask-<step>.weights.h5) or a '
+      'Keras *.weights.h5 file of the whole model.')
   flags.DEFINE_string('export_dir', None,
                       'output SavedModel directory.')
   flags.DEFINE_integer(

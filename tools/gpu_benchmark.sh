@@ -2,8 +2,12 @@
 # ShapeMask on one GPU (JAX backend) against torchvision's Mask R-CNN, in one
 # run of at most ~8 minutes:
 #   - ShapeMask R101-FPN, 1024x1024, mixed_bfloat16: training images/s at
-#     batch 8, 16 and 32; inference ms/image at batch 1 (post-processing and
-#     mask branch included);
+#     batch 8, 16 and 32 of the step `KERAS_BACKEND=jax python train.py`
+#     runs (official_shapemask.training.jax_step.TrainStep) on a synthetic
+#     batch kept on the device; inference ms/image at batch 1 with the
+#     engine's evaluation step (post-processing and mask branch included);
+#   - the input pipeline apart: training-parser images/s on the host CPUs
+#     (tools/benchmark_input.py), when TensorFlow is importable;
 #   - torchvision maskrcnn_resnet50_fpn, 1024x1024, bf16 autocast: training
 #     images/s at batch 8 and 16 (random weights, synthetic targets).
 # Every measurement is a subprocess of tools/benchmark.py with its own
@@ -91,7 +95,7 @@ if [[ "$MODE" == cpu_smoke ]]; then
   export JAX_PLATFORMS=cpu
   ARGS=(--config=micro --precision=float32 --batch_sizes=1,2
         --torch_batch_sizes=1 --steps=2 --warmup=1 --infer_steps=2)
-  TIMEOUT=400
+  TIMEOUT=700  # Three XLA compiles at once on a small, maybe busy CPU.
 else
   ARGS=(--config=r101_1024 --precision=mixed_bfloat16 --batch_sizes=8,16,32
         --torch_batch_sizes=8,16 --steps=10 --warmup=3 --infer_steps=20)
@@ -105,16 +109,42 @@ timeout --kill-after=10 "$(( TIMEOUT + 15 ))" \
   --output="$RESULTS/gpu_benchmark.jsonl" 2>"$RESULTS/benchmark_stderr.log"
 STATUS=$?
 log "benchmark.py exit status $STATUS"
+
+# 3b. The input pipeline, apart from the step (host CPUs; needs TensorFlow).
+INPUT_ARGS=(--output_sizes=1024 --num_images=200 --warmup=10)
+if [[ "$MODE" == cpu_smoke ]]; then
+  INPUT_ARGS=(--output_sizes=128 --num_images=8 --warmup=2 --modes=all_cores)
+fi
+if "$PYTHON" -c "import tensorflow" 2>/dev/null; then
+  log "input pipeline: tools/benchmark_input.py ${INPUT_ARGS[*]}"
+  INPUT_TIMEOUT=$(( BUDGET - $(date +%s) + START - 10 ))
+  if [[ "$MODE" == cpu_smoke ]]; then INPUT_TIMEOUT=300; fi
+  if (( INPUT_TIMEOUT > 30 )); then
+    timeout --kill-after=10 "$INPUT_TIMEOUT" "$PYTHON" tools/benchmark_input.py \
+      "${INPUT_ARGS[@]}" >"$RESULTS/input_pipeline.jsonl" \
+      2>"$RESULTS/input_stderr.log" || log "input pipeline measurement failed"
+  else
+    log "no time left for the input pipeline measurement"
+  fi
+else
+  log "TensorFlow not importable: input pipeline not measured here (run" \
+      "tools/benchmark_input.py on the training host)"
+fi
 tar -czf "$RESULTS/worker_logs.tar.gz" -C "$WORKDIR" --exclude="*.npy" --exclude="*.tfrecord" . 2>/dev/null || true
 rm -rf "$WORKDIR"
 
-# 4. A short table (the last lines of the output).
-"$PYTHON" - "$RESULTS/gpu_benchmark.jsonl" <<'EOF'
+# 4. A short table (the last lines of the output), the input pipeline first.
+"$PYTHON" - "$RESULTS/gpu_benchmark.jsonl" "$RESULTS/input_pipeline.jsonl" <<'EOF'
 import json, sys
-try:
-  rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-except OSError:
-  rows = []
+def read(path):
+  try:
+    return [json.loads(l) for l in open(path) if l.strip().startswith("{")]
+  except OSError:
+    return []
+for r in read(sys.argv[2]):
+  print(f"input pipeline {r['measure']} {r['output_size']} px: "
+        f"{r['images_per_s']} images/s ({r['machine_cores']} cores)")
+rows = read(sys.argv[1])
 print(f"{'impl':<12} {'measure':<7} {'batch':>5} {'images/s':>9} "
       f"{'ms/image':>9} {'compile_s':>9} {'dev_GiB':>8}  status")
 for r in rows:

@@ -185,8 +185,9 @@ def restore_model(model, checkpoint):
 
   Args:
     model: a built `ShapeMaskModel`.
-    checkpoint: a checkpoint prefix (`.../ckpt-200`) or a model directory
-      (its latest checkpoint is used).
+    checkpoint: a checkpoint prefix (`.../ckpt-200`), a model directory
+      (its latest checkpoint is used; a JAX-engine directory: its newest
+      `shapemask-<step>.weights.h5`) or a whole model's `*.weights.h5` file.
 
   Returns:
     the checkpoint prefix that was restored.
@@ -196,7 +197,13 @@ def restore_model(model, checkpoint):
     ValueError: the checkpoint does not hold every model variable, or a
       shape differs (the gin config does not match the training run).
   """
+  if (tf.io.gfile.isdir(checkpoint) and
+      tf.train.latest_checkpoint(checkpoint) is None):
+    # A JAX-engine model directory: its weights file for export.
+    checkpoint = checkpoints.latest_model_weights(checkpoint) or checkpoint
   path = checkpoints.resolve_checkpoint(checkpoint)
+  if checkpoints.is_keras_weights_file(path):
+    return checkpoints.load_model_weights(model, path)
   root = tf.train.Checkpoint(model=model)
   try:
     status = root.restore(path)

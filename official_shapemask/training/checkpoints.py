@@ -19,6 +19,7 @@ Two sources initialise a model (`Experiment.init_checkpoint`):
 """
 
 import os
+import tempfile
 import uuid
 
 import keras
@@ -170,6 +171,53 @@ def restore_tf1_checkpoint(model, path, prefix=None, modules="backbone",
   """
   return tf1_checkpoints.restore(model, path, prefix=prefix, modules=modules,
                                  print_fn=print_fn)
+
+
+MODEL_WEIGHTS_PREFIX = "shapemask-"
+
+
+def model_weights_path(model_dir, step):
+  """`model_dir/shapemask-<step>.weights.h5`: a whole model's Keras weights.
+
+  The JAX engine writes one at the end of training (its own checkpoints are
+  Orbax folders); the export tools read it on any backend.
+  """
+  return os.path.join(model_dir,
+                      f"{MODEL_WEIGHTS_PREFIX}{step}{KERAS_WEIGHTS_SUFFIX}")
+
+
+def latest_model_weights(model_dir):
+  """The `shapemask-<step>.weights.h5` of `model_dir` with the highest step."""
+  best = None
+  for path in tf.io.gfile.glob(
+      os.path.join(model_dir, f"{MODEL_WEIGHTS_PREFIX}*{KERAS_WEIGHTS_SUFFIX}")):
+    step = os.path.basename(path)[len(MODEL_WEIGHTS_PREFIX):-len(
+        KERAS_WEIGHTS_SUFFIX)]
+    if step.isdigit() and (best is None or int(step) > best[0]):
+      best = (int(step), path)
+  return best[1] if best else None
+
+
+def load_model_weights(model, path):
+  """Loads a whole model's Keras weights file (local or gs://).
+
+  Raises:
+    ValueError: naming the file, when its layout or shapes differ from the
+      model's.
+  """
+  with tempfile.TemporaryDirectory() as scratch:
+    local = path
+    if not os.path.exists(path):  # A remote (gs://) file: copy it first.
+      local = os.path.join(scratch, "model" + KERAS_WEIGHTS_SUFFIX)
+      tf.io.gfile.copy(path, local)
+    try:
+      model.load_weights(local)
+    except ValueError as e:
+      raise ValueError(
+          f"weights file {path} does not match the model built from the gin "
+          f"config (same gin files and bindings as in training?): "
+          f"{str(e).splitlines()[0]}") from e
+  return path
 
 
 def resolve_checkpoint(path):

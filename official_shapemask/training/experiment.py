@@ -8,10 +8,7 @@ time ends there).
 """
 
 import inspect
-import json
-import math
 import os
-import uuid
 
 import gin
 import keras
@@ -21,19 +18,11 @@ from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
+from official_shapemask.training import eval_results
 from official_shapemask.training import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
 from official_shapemask.training import strategies
 from official_shapemask.training import train_loop
-
-
-def _write_json_atomic(path, data):
-  clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-           for k, v in data.items()}
-  tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    json.dump(clean, f, indent=1, sort_keys=True)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 class InvalidInputError(ValueError):
@@ -280,7 +269,7 @@ class Experiment:
       # MEAN-aggregated BN moving statistics: identical on every replica.
       with strategies.replica_consistent_state():
         self.model = factory.build_shapemask_model(
-            **self._freeze_settings(say=mode != "eval"))
+            **self.model_overrides(say=mode != "eval"))
       self.optimizer = build_momentum_optimizer()
       self.optimizer.build(self.model.trainable_variables)
       self.checkpoint = tf.train.Checkpoint(model=self.model,
@@ -297,8 +286,9 @@ class Experiment:
       operative_config.write_operative_config(self.model_dir)
     return self
 
-  def _freeze_settings(self, say=True):
-    """Model overrides: with no init checkpoint nothing stays frozen."""
+  def model_overrides(self, say=True):
+    """`build_shapemask_model` overrides: with no init checkpoint nothing
+    stays frozen (both engines build their model with these)."""
     print_fn = self.print_fn if say else (lambda *a, **k: None)
     if self.init_checkpoint:
       if _model_setting("freeze_early_convs"):
@@ -464,21 +454,16 @@ class Experiment:
     metrics["predict_seconds"] = predict_seconds
     metrics["num_images"] = evaluator.num_images
     metrics["step"] = step
-    self.print_fn(f"Evaluation at step {step} ({evaluator.num_images} images, "
-                  f"predict {predict_seconds:.1f} s, COCOeval "
-                  f"{metrics.get('eval_seconds', 0.0):.1f} s):\n"
-                  + coco_evaluator.format_metrics_table(metrics))
-    if self.chief:
-      _write_json_atomic(os.path.join(self.model_dir, f"eval_{step}.json"),
-                         metrics)
-      writer = tf.summary.create_file_writer(
-          os.path.join(self.model_dir, "eval"))
-      with writer.as_default(step=step):
-        for k, v in metrics.items():
-          if isinstance(v, (int, float)) and k != "step":
-            tf.summary.scalar(f"eval/{k}", v)
-      writer.flush()
-    return metrics
+    return eval_results.publish(self.model_dir, metrics, chief=self.chief,
+                                print_fn=self.print_fn)
+
+  def latest_checkpoint(self):
+    """The newest checkpoint in `model_dir` (a prefix), or None."""
+    return tf.train.latest_checkpoint(self.model_dir)
+
+  def checkpoints_iterator(self, timeout):
+    """Yields each new checkpoint until none appears within `timeout` s."""
+    return tf.train.checkpoints_iterator(self.model_dir, timeout=timeout)
 
   def restore(self, checkpoint_path):
     """Loads a training checkpoint's weights (for evaluation)."""

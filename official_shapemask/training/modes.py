@@ -2,7 +2,7 @@
 
 import time
 
-import tensorflow as tf
+import keras
 
 from official_shapemask.training import experiment
 
@@ -53,14 +53,13 @@ def evaluate(exp, eval_timeout=0, print_fn=print):
   try:
     exp.start("eval")
     if not eval_timeout:
-      latest = tf.train.latest_checkpoint(exp.model_dir)
+      latest = exp.latest_checkpoint()
       if latest is None:
         raise FileNotFoundError(f"no checkpoint in {exp.model_dir}")
       exp.restore(latest)
       results.append(exp.evaluate())
     else:
-      for path in tf.train.checkpoints_iterator(exp.model_dir,
-                                                timeout=eval_timeout):
+      for path in exp.checkpoints_iterator(eval_timeout):
         exp.restore(path)
         results.append(exp.evaluate())
         if exp.step >= exp.total_steps:
@@ -75,9 +74,17 @@ def evaluate(exp, eval_timeout=0, print_fn=print):
 
 def run(mode, model_dir, strategy_name="one_device", tpu=None, eval_timeout=0,
         print_fn=print):
-  """Runs one mode of train.py with the parsed gin configuration."""
+  """Runs one mode of train.py with the parsed gin configuration.
+
+  The Keras backend picks the engine: TensorFlow (default) runs the
+  tf.distribute loop, `KERAS_BACKEND=jax` the JAX engine; both take their
+  settings from the same gin-configured `Experiment`.
+  """
   exp = experiment.Experiment(model_dir, strategy_name=strategy_name, tpu=tpu,
                               print_fn=print_fn)
+  if keras.backend.backend() == "jax":
+    from official_shapemask.training import jax_engine  # pylint: disable=g-import-not-at-top
+    exp = jax_engine.JaxExperiment(exp)
   start = time.time()
   if mode == "train":
     return train(exp, print_fn)

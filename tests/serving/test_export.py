@@ -24,6 +24,7 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
 from official_shapemask.serving import export
 from official_shapemask.serving import predictor as predictor_lib
+from official_shapemask.training import checkpoints
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
 
@@ -255,6 +256,34 @@ def test_restore_rejects_a_mismatched_model(planted, tmp_path):
     export.restore_model(other, planted["prefix"])
   with pytest.raises(FileNotFoundError, match="no checkpoint found"):
     export.restore_model(other, str(tmp_path))
+
+
+def test_restore_from_a_whole_model_weights_file(planted, keras_outputs,
+                                                 parsed_val_image, tmp_path):
+  """What the JAX engine leaves: `model_dir/shapemask-<step>.weights.h5`."""
+  model_dir = tmp_path / "jax_run"
+  model_dir.mkdir()
+  for step in (10, 200, 30):  # The newest step wins, not the newest name.
+    planted["model"].save_weights(str(
+        checkpoints.model_weights_path(str(model_dir), step)))
+  (model_dir / "shapemask-x.weights.h5").write_text("not a step")
+  newest = checkpoints.model_weights_path(str(model_dir), 200)
+  assert checkpoints.latest_model_weights(str(model_dir)) == newest
+  # tools/predict.py and tools/export_saved_model.py restore this way.
+  try:
+    predictor = predictor_lib.Predictor.from_checkpoint(
+        GIN_FILES, GIN_BINDINGS, str(model_dir))
+  finally:
+    gin.clear_config()
+  assert predictor.source == f"checkpoint {newest}"
+  assert_outputs_close(predictor.predict_bytes([parsed_val_image["bytes"]]),
+                       keras_outputs)
+  other = factory.build_shapemask_model(
+      num_classes=5, image_size=128, backbone_depth=10, num_clusters=4,
+      max_level=5, freeze_early_convs=False)
+  with pytest.raises(ValueError, match=f"weights file {newest} does not "
+                     "match the model"):
+    export.restore_model(other, newest)
 
 
 def test_export_refuses_non_empty_dir(planted, tmp_path):

@@ -1,4 +1,4 @@
-"""tools/benchmark.py and tools/gpu_benchmark.sh.
+"""tools/benchmark.py (the tools/bench package) and tools/gpu_benchmark.sh.
 
 Fast: the synthetic JAX batch follows the training-batch contract, gin
 settings reach the model kwargs, failed and timed-out measurements are
@@ -19,7 +19,8 @@ import sys
 import numpy as np
 import pytest
 
-from tools import benchmark
+from tools.bench import common
+from tools.bench import runner as runner_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -35,8 +36,8 @@ def _run(args, timeout, env=None):
 
 
 def test_synthetic_batch_follows_the_training_contract():
-  kwargs = benchmark.model_kwargs("micro")
-  images, labels = benchmark.synthetic_batch(kwargs, batch_size=3, seed=5)
+  kwargs = common.model_kwargs("micro")
+  images, labels = common.synthetic_batch(kwargs, batch_size=3, seed=5)
   size, classes = kwargs["image_size"], kwargs["num_classes"]
   from official_shapemask.ops import anchors
   total = anchors.num_anchors((size, size), 3, 5)
@@ -68,7 +69,7 @@ def test_synthetic_batch_follows_the_training_contract():
 def test_gin_files_set_the_model_kwargs():
   import gin
   try:
-    kwargs = benchmark.model_kwargs(
+    kwargs = common.model_kwargs(
         None, ["tiny_cpu.gin"], ["IMAGE_SIZE = 256"],
         overrides={"backbone_depth": 18})
   finally:
@@ -80,19 +81,19 @@ def test_gin_files_set_the_model_kwargs():
   assert kwargs["norm_momentum"] == 0.9
   assert "shape_prior_path" not in kwargs
   with pytest.raises(FileNotFoundError, match="no_such.gin"):
-    benchmark.model_kwargs(None, ["no_such.gin"])
+    common.model_kwargs(None, ["no_such.gin"])
 
 
 def _runner(tmp_path):
   args = argparse.Namespace(backend="jax", output=str(tmp_path / "o.jsonl"),
                             barrier_timeout=0)
-  return benchmark.Runner(args, str(tmp_path))
+  return runner_lib.Runner(args, str(tmp_path))
 
 
 def _micro_spec(tmp_path, kind):
-  kwargs = benchmark.model_kwargs("micro")
+  kwargs = common.model_kwargs("micro")
   kwargs.pop("num_clusters")
-  prior = benchmark.write_priors(str(tmp_path / "p.npy"), 91, 2, 32)
+  prior = common.write_priors(str(tmp_path / "p.npy"), 91, 2, 32)
   return {"backend": "jax", "config": "micro", "model": kwargs,
           "batch_size": 1, "precision": "float32", "steps": 1, "warmup": 0,
           "infer_steps": 1, "prior_path": prior, "kind": kind,
@@ -135,7 +136,7 @@ def test_torch_peer_runs_first_then_ours_in_parallel():
                             torch_batch_sizes=[8], parallel=True,
                             timeout=400, precision="mixed_bfloat16")
   base = {"config": "r101_1024", "model": {"image_size": 1024}}
-  summary = benchmark.run_jax(args, FakeRunner(), base)
+  summary = runner_lib.run_jax(args, FakeRunner(), base)
   assert calls[0] == ("alone", "torch_train", 8, 400)
   assert calls[1][0] == "parallel" and 60 <= calls[1][2] <= 400
   assert calls[1][1] == [("jax_train", 8), ("jax_train", 16), ("jax_infer", 1)]
@@ -148,7 +149,7 @@ def test_gpu_script_cpu_path(tmp_path):
   """The GPU script end to end on CPU: JAX backend, micro model."""
   out = tmp_path / "out"
   proc, lines = _run(["bash", "tools/gpu_benchmark.sh", "--cpu_smoke"],
-                     timeout=900, env={"PYTHON": sys.executable,
+                     timeout=1500, env={"PYTHON": sys.executable,
                                        "OUT": str(out)})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   records = [json.loads(l) for l in
@@ -168,6 +169,12 @@ def test_gpu_script_cpu_path(tmp_path):
   env = json.loads((out / "environment.json").read_text())
   assert env["mode"] == "cpu_smoke" and "jax" in env
   assert (out / "worker_logs.tar.gz").stat().st_size > 0
+  assert all("TrainStep" in r["step"] for r in train.values())
+  # The input pipeline is measured apart (TensorFlow is importable here).
+  rows = [json.loads(l) for l in
+          (out / "input_pipeline.jsonl").read_text().splitlines()]
+  assert rows and all(r["images_per_s"] > 0 for r in rows), proc.stderr
+  assert "input pipeline all_cores 128 px" in proc.stdout
   # The table closes the output.
   assert "images/s" in proc.stdout.splitlines()[-4]
   if importlib.util.find_spec("torch") is None:

@@ -1,0 +1,116 @@
+"""The JAX engine's loop and fine-tuning start (JAX subprocesses).
+
+The loop stops at a non-finite loss naming the step (a stand-in step, no
+compile); a fine-tuning run starts from a Keras backbone weights file through
+TensorFlow's readers (`init_weights_tf` in a subprocess), and a file that
+cannot initialise the asked modules stops it with one line naming the file.
+"""
+import textwrap
+
+import pytest
+
+_NON_FINITE = textwrap.dedent("""
+    import numpy as np
+    from official_shapemask.training import experiment
+    from official_shapemask.training import jax_engine
+    from official_shapemask.training import jax_step
+    from official_shapemask.training import train_loop
+
+    calls = []
+
+    def fake_step(state, images, labels):
+      calls.append(1)
+      value = np.nan if len(calls) == 3 else 1.0
+      return state, {k: np.float32(value) for k in jax_step.LOSS_KEYS}
+
+    class FakeManager:
+      latest_checkpoint = "/run/checkpoints/0"
+
+      def save(self, step, state):
+        raise AssertionError("a diverged round was saved")
+
+    settings = experiment.Experiment("/tmp/unused", steps_per_loop=4,
+                                     checkpoint_every=4, total_steps=8,
+                                     train_batch_size=2)
+    exp = jax_engine.JaxExperiment(settings)
+    exp.distribution = jax_step.data_parallel()
+    exp.train_step, exp.manager, exp.state = fake_step, FakeManager(), ()
+    batch = (np.zeros((2, 4, 4, 3), np.float32), {"x": np.zeros((2, 1))})
+    exp._iterator = iter([batch] * 8)
+    exp._logger = train_loop.ProgressLogger(8, 2, print_fn=print)
+    try:
+      exp.train()
+    except train_loop.NonFiniteLossError as e:
+      message = str(e)
+    else:
+      raise AssertionError("no error")
+    assert message.startswith("non-finite loss at step 3 (total_loss=nan"), (
+        message)
+    assert message.endswith("the last good checkpoint is kept: "
+                            "/run/checkpoints/0"), message
+    assert exp.step == 0
+    print("OK")
+""")
+
+
+def test_non_finite_loss_stops_naming_the_step(run_under_jax):
+  result = run_under_jax(_NON_FINITE, timeout=300)
+  assert result.returncode == 0 and "OK" in result.stdout, (
+      result.stdout[-3000:] + result.stderr[-5000:])
+
+
+_INIT = textwrap.dedent("""
+    import sys
+    import keras
+    import numpy as np
+    from official_shapemask.modeling import factory
+    from official_shapemask.training import checkpoints
+    from official_shapemask.training import experiment
+    from official_shapemask.training import gin_utils
+    from official_shapemask.training import jax_engine
+
+    work = sys.argv[1]
+    source = f"{work}/source_backbone.weights.h5"
+    gin_utils.parse_config(["tiny_cpu.gin"], [
+        "TRAIN_FILE_PATTERN='unused'", "IMAGE_SIZE=64",
+        "build_shapemask_model.backbone_width_multiplier=0.25",
+        "build_shapemask_model.fpn_num_filters=16",
+        "build_shapemask_model.head_num_filters=16",
+        f"RESNET_CHECKPOINT='{source}'"])
+    keras.utils.set_random_seed(1)
+    donor = factory.build_shapemask_model()
+    checkpoints.save_backbone_weights(donor, source)
+    keras.utils.set_random_seed(2)
+    exp = jax_engine.JaxExperiment(experiment.Experiment(work))
+    exp.model = factory.build_shapemask_model()
+    before = [np.asarray(v.value) for v in exp.model.decoder.weights]
+    lines = []
+    exp.print_fn = lines.append
+    exp._initialize_from(source, "backbone")
+    for a, b in zip(donor.backbone.weights, exp.model.backbone.weights):
+      np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
+    # The decoder was not in the file: not the donor's values.
+    assert not all(np.array_equal(np.asarray(a.value), np.asarray(b.value))
+                   for a, b in zip(donor.decoder.weights,
+                                   exp.model.decoder.weights))
+    assert len(before) == len(exp.model.decoder.weights)
+    report = "\\n".join(lines)
+    assert f"Restored from {source} (modules=backbone)" in report, report
+    try:
+      exp._initialize_from(source, "all")
+    except experiment.InvalidInputError as e:
+      message = str(e)
+    else:
+      raise AssertionError("modules=all from a backbone file did not fail")
+    assert "\\n" not in message and source in message, message
+    assert "'backbone' or 'backbone_fpn'" in message, message
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_a_keras_backbone_file(tmp_path,
+                                                       run_under_jax):
+  result = run_under_jax(_INIT, str(tmp_path), timeout=1200)
+  assert result.returncode == 0 and "OK" in result.stdout, (
+      result.stdout[-3000:] + result.stderr[-5000:])

@@ -1,0 +1,1 @@
+"""The benchmark package behind tools/benchmark.py (see its docstring)."""
