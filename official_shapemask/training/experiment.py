@@ -63,7 +63,8 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   """Fails fast, naming the path, before the strategy starts.
 
   Checks the data patterns of `mode`, the shape-prior file (readable, class
-  count equal to the model's `num_classes`) and the init checkpoint.
+  count equal to the model's `num_classes`, prior size equal to its
+  `mask_crop_size`) and the init checkpoint.
 
   Raises:
     InvalidInputError: naming the setting and the path.
@@ -79,8 +80,9 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
           f"shape_prior_path={prior_path!r} does not exist")
     try:
       factory.load_priors(prior_path, _model_setting("num_classes"),
-                          _model_setting("use_category_for_mask"))
-    except ValueError as e:  # Names the path and both class counts.
+                          _model_setting("use_category_for_mask"),
+                          _model_setting("mask_crop_size"))
+    except ValueError as e:  # Names the path and both counts or sizes.
       raise InvalidInputError(str(e)) from None
   if init_checkpoint:
     try:

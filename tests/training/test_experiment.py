@@ -139,6 +139,23 @@ def test_priors_with_another_class_count_fail_with_both_numbers(
   assert exp.strategy is None
 
 
+def test_priors_of_another_size_fail_with_both_sizes(clean_gin,
+                                                     tiny_train_records,
+                                                     tmp_path):
+  priors = tmp_path / "priors_16px.npy"
+  np.save(priors, np.full((91, 4, 16, 16), 0.5, np.float32))
+  _parse(f"TRAIN_FILE_PATTERN='{tiny_train_records}'",
+         f"SHAPE_PRIOR_PATH='{priors}'")
+  exp = experiment.Experiment(str(tmp_path / "run"))
+  with pytest.raises(experiment.InvalidInputError) as err:
+    exp.start("train")
+  message = str(err.value)
+  assert str(priors) in message and "16x16" in message, message
+  assert "mask_crop_size is 32" in message, message
+  assert exp.strategy is None
+  assert not (tmp_path / "run").exists()
+
+
 # -------------------------------------------------------------- fine-tuning
 def test_restore_all_into_another_class_count(coco_checkpoint):
   source, path = coco_checkpoint
