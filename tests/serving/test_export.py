@@ -311,3 +311,22 @@ def test_cli_errors_name_the_problem(tmp_path):
       result.stderr)
   assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("height,width", [(3, 2000), (2000, 3)])
+def test_extreme_aspect_ratio_runs(exported, height, width):
+  # At 128 px the short side scales to 0.19 px: it becomes one pixel.
+  rng = np.random.default_rng(height)
+  image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+  signatures = exported["loaded"].signatures
+  by_tensor = to_numpy(signatures["image_tensor"](images=image[None]))
+  by_bytes = to_numpy(signatures["image_bytes"](
+      image_bytes=tf.constant([tf.io.encode_png(image).numpy()])))
+  for outputs in (by_tensor, by_bytes):
+    info = outputs["image_info"][0]
+    np.testing.assert_allclose(info[0], [height, width])
+    np.testing.assert_allclose(np.round(info[0] * info[2]),
+                               [1, 128] if height < width else [128, 1])
+    for key in export.OUTPUT_KEYS:
+      assert np.all(np.isfinite(outputs[key])), key
+  assert_outputs_close(by_bytes, by_tensor)
