@@ -270,7 +270,7 @@ def test_finetune_91_class_checkpoint_on_7_classes(
   assert tf.train.latest_checkpoint(str(tmp_path / "run")).endswith("ckpt-2")
 
 
-# ------------------------------------------------------------ NaN / inf
+# --------------------------------------------- NaN / inf / explosion
 def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(
     clean_gin, tiny_train_records, tmp_path):
   # A real cause: the learning rate jumps to 1e10 from step 3 on; the loss
@@ -283,16 +283,19 @@ def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(
   exp = experiment.Experiment(str(model_dir), print_fn=lambda *a, **k: None)
   try:
     exp.start("train")
-    with pytest.raises(train_loop.NonFiniteLossError) as err:
+    with pytest.raises(train_loop.DivergenceError) as err:
       exp.train()
   finally:
     exp.close()
   message = str(err.value)
-  match = re.search(r"non-finite (loss at|weights after) step (\d+)", message)
+  # Caught as an explosion (finite) or as NaN / inf, whichever comes first.
+  match = re.search(
+      r"(loss explosion at|non-finite loss at|non-finite weights after) "
+      r"step (\d+)", message)
   assert match, message
   bad_step = int(match.group(2))
   assert 4 <= bad_step < 12
-  if match.group(1) == "loss at":  # The loop stopped at the bad step.
+  if match.group(1) != "non-finite weights after":  # Stopped at the step.
     assert exp.step == bad_step
   last = tf.train.latest_checkpoint(str(model_dir))
   assert last is not None and last in message
