@@ -9,8 +9,10 @@ made by the CLI from a checkpoint of that model, so restoring is tested too
 (the CLI builds a fresh, differently initialised model).
 """
 
+import glob
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -255,6 +257,30 @@ def test_restore_rejects_a_mismatched_model(planted, tmp_path):
     export.restore_model(other, planted["prefix"])
   with pytest.raises(FileNotFoundError, match="no checkpoint found"):
     export.restore_model(other, str(tmp_path))
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_restore_names_a_damaged_checkpoint(planted, tmp_path, how):
+  run_dir = tmp_path / "run"
+  shutil.copytree(planted["model_dir"], run_dir)
+  prefix = str(run_dir / os.path.basename(planted["prefix"]))
+  data = pathlib.Path(glob.glob(prefix + ".data-*")[0])
+  raw = bytearray(data.read_bytes())
+  if how == "truncated":
+    raw = raw[:len(raw) // 2]
+  else:
+    raw[len(raw) // 2] ^= 0xFF
+  data.write_bytes(bytes(raw))
+  gin_utils.parse_config(GIN_FILES, GIN_BINDINGS)
+  try:
+    fresh = factory.build_shapemask_model()
+  finally:
+    gin.clear_config()
+  with pytest.raises(ValueError) as err:
+    export.restore_model(fresh, prefix)
+  message = str(err.value)
+  assert message.startswith(f"checkpoint {prefix} cannot be read ("), message
+  assert "\n" not in message
 
 
 def test_export_refuses_non_empty_dir(planted, tmp_path):
