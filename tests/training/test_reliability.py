@@ -211,3 +211,23 @@ def test_a_file_that_is_not_a_tfrecord_is_named_before_training(
       f"train_file_pattern: {notes} is not a TFRecord file: its first record "
       "header fails its checksum.")
   assert "step 1/" not in err.value.printed  # Stopped before training.
+
+
+@pytest.mark.slow
+def test_damaged_eval_shard_is_named(trained, run_copy, tiny_val_records,
+                                     tmp_path):
+  data_dir = tmp_path / "val"
+  data_dir.mkdir()
+  for shard in sorted(glob.glob(tiny_val_records)):
+    shutil.copy(shard, data_dir)
+  damaged = sorted(data_dir.iterdir())[0]
+  raw = bytearray(damaged.read_bytes())
+  raw[len(raw) // 3] ^= 0xFF
+  damaged.write_bytes(bytes(raw))
+  with pytest.raises(experiment.InvalidInputError) as err:
+    _run("eval", run_copy, trained["pattern"],
+         eval_pattern=str(data_dir / "val-*"))
+  assert str(err.value).startswith(
+      f"eval_file_pattern: damaged TFRecord file {damaged} (corrupted "
+      "record at byte "), str(err.value)
+  assert (run_copy / "config.gin").read_text() == trained["config"]
