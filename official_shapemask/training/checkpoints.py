@@ -404,7 +404,8 @@ def restore_newest_readable(checkpoint, directory, move_unreadable=False,
       checkpoints).
     move_unreadable: bool, move unreadable checkpoints aside (training;
       an evaluation leaves the directory alone).
-    print_fn: where the report of unreadable checkpoints goes.
+    print_fn: where the report of unreadable checkpoints goes (None =
+      silent).
 
   Returns:
     the restored prefix, or None when the directory lists no checkpoint.
@@ -443,7 +444,7 @@ def restore_newest_readable(checkpoint, directory, move_unreadable=False,
     if move_unreadable:
       where = (" moved to " + _move_unreadable(
           directory, [p for p, _ in unreadable], state) + ";")
-    for prefix, why in unreadable:
+    for prefix, why in unreadable if print_fn is not None else ():
       print_fn(f"Checkpoint {prefix} cannot be read ({why});{where} "
                f"using {restored} instead")
   return restored

@@ -142,3 +142,11 @@ def test_interrupted_saves_are_removed(run_dir):
                                       for ext in ("index",
                                                   "data-00000-of-00001")])
   assert checkpoints.remove_interrupted_saves(str(run_dir / "absent")) == []
+
+
+def test_silent_fallback(run_dir):
+  _damage(str(run_dir / "ckpt-15"), "truncated")
+  _, optimizer, checkpoint = _objects()
+  assert checkpoints.restore_newest_readable(
+      checkpoint, str(run_dir), print_fn=None) == str(run_dir / "ckpt-10")
+  assert int(optimizer.iterations.numpy()) == 10
