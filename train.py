@@ -76,7 +76,7 @@ def main(argv):
               strategy_name=_STRATEGY.value, tpu=_TPU.value,
               eval_timeout=_EVAL_TIMEOUT.value)
   except (gin_utils.ConfigError, experiment.InvalidInputError,
-          train_loop.NonFiniteLossError) as e:
+          train_loop.DivergenceError) as e:
     # Configuration and input errors, and a diverged run: one clear line.
     sys.exit(f"train.py: error: {e}")
 

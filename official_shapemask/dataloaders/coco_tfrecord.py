@@ -13,7 +13,13 @@ features (tested). What this module adds:
   RLE for non-crowd instances);
 - images that do not decode to 3 channels (grayscale, CMYK, RGBA, palette
   PNG, ...) are re-encoded so that ``tf.io.decode_image`` yields RGB;
-- degenerate polygons and zero-area / outside boxes are dropped and counted;
+- degenerate polygons, zero-area / outside boxes and masks without a pixel
+  inside the image (a polygon entirely outside it) are dropped, counted and
+  their annotation ids listed (the first few per reason);
+- more shards than images: the shard count is capped at the image count
+  (an empty shard would leave an input pipeline nothing to read), saying so;
+- output that cannot be written (a read-only directory, a parent path that
+  is a file) fails with a one-line error naming the path;
 - atomic output: shards are written under a temporary directory inside the
   output directory and renamed only once all of them are complete;
 - parallel encoding, a progress bar, a label map and a closing summary.
@@ -60,7 +66,10 @@ import tensorflow as tf
 from official.vision.data import tfrecord_lib
 
 # Reasons an annotation is dropped (not fatal); the summary counts each.
-DROP_REASONS = ('zero_area_box', 'box_outside_image', 'degenerate_polygon')
+DROP_REASONS = ('zero_area_box', 'box_outside_image', 'degenerate_polygon',
+                'empty_mask')
+# Dropped annotation ids listed per reason in the summary line.
+SHOWN_DROPPED_IDS = 5
 
 # A box may spill over the image border by this many pixels (float rounding
 # in COCO exports) and is then clipped; beyond it the annotation is dropped.
@@ -365,23 +374,32 @@ def _annotation_features(annotations, height, width, id_to_name, where):
   lists = {k: [] for k in ('xmin', 'xmax', 'ymin', 'ymax', 'label', 'text',
                            'is_crowd', 'area', 'mask')}
   dropped = collections.Counter()
+  dropped_ids = collections.defaultdict(list)
+
+  def drop(reason, annotation):
+    dropped[reason] += 1
+    dropped_ids[reason].append(annotation.get('id'))
+
   for annotation in annotations:
     ann_where = f'{where}, annotation id {annotation.get("id")}'
     x, y, w, h = (float(v) for v in annotation['bbox'])
     if w <= 0 or h <= 0:
-      dropped['zero_area_box'] += 1
+      drop('zero_area_box', annotation)
       continue
     if (x < -_SPILL_TOLERANCE or y < -_SPILL_TOLERANCE or
         x + w > width + _SPILL_TOLERANCE or
         y + h > height + _SPILL_TOLERANCE):
-      dropped['box_outside_image'] += 1
+      drop('box_outside_image', annotation)
       continue
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + w, float(width)), min(y + h, float(height))
     mask = segmentation_to_mask(annotation['segmentation'], height, width,
                                 ann_where)
     if mask is None:
-      dropped['degenerate_polygon'] += 1
+      drop('degenerate_polygon', annotation)
+      continue
+    if not mask.any():  # E.g. a polygon entirely outside the image.
+      drop('empty_mask', annotation)
       continue
     category_id = int(annotation['category_id'])
     lists['xmin'].append(x0 / width)
@@ -411,7 +429,7 @@ def _annotation_features(annotations, height, width, id_to_name, where):
       'image/object/mask': feature(lists['mask'], 'bytes_list'),
   }
   stats = {'instances': len(lists['label']), 'crowd': sum(lists['is_crowd']),
-           'dropped': dropped}
+           'dropped': dropped, 'dropped_ids': dict(dropped_ids)}
   return features, stats
 
 
@@ -428,7 +446,8 @@ def build_example(image, image_dir, annotations, id_to_name):
 
   Returns:
     ``(example, stats)``: the ``tf.train.Example`` and a dict with
-    ``instances``, ``crowd`` and ``dropped`` (a Counter by reason).
+    ``instances``, ``crowd``, ``dropped`` (a Counter by reason) and
+    ``dropped_ids`` (reason -> annotation ids).
 
   Raises:
     ConversionError: the image file is missing, unreadable, or of a size
@@ -478,13 +497,25 @@ def label_map_path(output_file_prefix):
 
 
 def format_summary(summary):
-  """One closing line: images, instances, crowd, dropped (by reason), time."""
+  """The closing line: images, instances, crowd, dropped (by reason, with
+  the first annotation ids), time, shards (and a capped shard count)."""
   dropped = summary['dropped']
   reasons = ', '.join(f'{k} {v}' for k, v in dropped.items())
-  return (f'Converted {summary["images"]} images, {summary["instances"]} '
+  line = (f'Converted {summary["images"]} images, {summary["instances"]} '
           f'instances ({summary["crowd"]} crowd), dropped '
           f'{sum(dropped.values())} ({reasons}) in {summary["seconds"]:.1f} s '
           f'-> {len(summary["shards"])} shards')
+  capped = summary.get('num_shards_requested')
+  if capped:
+    line += (f' (num_shards={capped} capped at the {summary["images"]} '
+             f'images: a shard without images is empty)')
+  shown = []
+  for reason, ids in summary.get('dropped_ids', {}).items():
+    more = ', ...' if dropped[reason] > len(ids) else ''
+    shown.append(f'{reason} {", ".join(str(i) for i in ids)}{more}')
+  if shown:
+    line += '; dropped annotation ids: ' + '; '.join(shown)
+  return line
 
 
 @contextlib.contextmanager
@@ -559,15 +590,20 @@ def convert_coco_to_tfrecords(image_dir,
   Returns:
     dict with ``images``, ``instances`` (written, crowd included), ``crowd``,
     ``images_without_instances``, ``dropped`` (dict reason -> count, reasons
-    in ``DROP_REASONS``), ``seconds``, ``shards`` (list of paths),
+    in ``DROP_REASONS``), ``dropped_ids`` (reason -> the first
+    ``SHOWN_DROPPED_IDS`` dropped annotation ids, reasons with drops only),
+    ``num_shards_requested`` (the ``num_shards`` asked for when it exceeded
+    the image count and was capped, else None), ``seconds``, ``shards`` (list
+    of paths),
     ``label_map`` (path) and ``removed_stale_shards`` (shards of an earlier
     run with the same prefix but another shard count, deleted so that
     ``{prefix}-*`` matches this run only).
 
   Raises:
-    ConversionError: bad settings or bad input (the message names the file,
-      image or annotation). No output shard is left behind; earlier outputs
-      with the same names stay untouched.
+    ConversionError: bad settings, bad input or output that cannot be
+      written (the message names the file, image, annotation or path). No
+      output shard is left behind; earlier outputs with the same names stay
+      untouched.
   """
   start = time.perf_counter()
   if not _is_int(num_shards) or num_shards < 1:
@@ -593,13 +629,20 @@ def convert_coco_to_tfrecords(image_dir,
       raise ConversionError(
           f'image file not found: {path} (image id {image["id"]})')
   tasks = [(image, by_image.get(image['id'], [])) for image in images]
+  requested = None
+  if num_shards > max(1, len(tasks)):
+    requested, num_shards = num_shards, max(1, len(tasks))
 
-  os.makedirs(output_dir, exist_ok=True)
   final_paths = shard_paths(output_file_prefix, num_shards)
   final_label_map = label_map_path(output_file_prefix)
-  tmp_dir = tempfile.mkdtemp(prefix=f'.{base}.tmp-', dir=output_dir)
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f'.{base}.tmp-', dir=output_dir)
+  except OSError as e:
+    raise ConversionError(_output_error(e, output_dir)) from None
   totals = {'instances': 0, 'crowd': 0, 'images_without_instances': 0}
   dropped = collections.Counter({reason: 0 for reason in DROP_REASONS})
+  dropped_ids = collections.defaultdict(list)
   try:
     tmp_paths = [os.path.join(tmp_dir, os.path.basename(p))
                  for p in final_paths]
@@ -615,6 +658,9 @@ def convert_coco_to_tfrecords(image_dir,
             totals['images_without_instances'] += int(
                 stats['instances'] == 0)
             dropped.update(stats['dropped'])
+            for reason, ids in stats['dropped_ids'].items():
+              shown = dropped_ids[reason]
+              shown.extend(ids[:SHOWN_DROPPED_IDS - len(shown)])
             update(1)
       finally:
         for writer in writers:
@@ -626,16 +672,26 @@ def convert_coco_to_tfrecords(image_dir,
     for tmp_path, final_path in zip(tmp_paths, final_paths):
       os.replace(tmp_path, final_path)
     os.replace(tmp_label_map, final_label_map)
+  except OSError as e:
+    raise ConversionError(_output_error(e, output_dir)) from None
+  except tf.errors.OpError as e:
+    raise ConversionError(
+        f'cannot write the output in {output_dir}: {e.message}') from None
   finally:
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
-  removed = _remove_stale_shards(output_dir, base, set(final_paths))
+  try:
+    removed = _remove_stale_shards(output_dir, base, set(final_paths))
+  except OSError as e:
+    raise ConversionError(_output_error(e, output_dir)) from None
   summary = {
       'images': len(tasks),
       'instances': totals['instances'],
       'crowd': totals['crowd'],
       'images_without_instances': totals['images_without_instances'],
       'dropped': dict(dropped),
+      'dropped_ids': dict(dropped_ids),
+      'num_shards_requested': requested,
       'seconds': time.perf_counter() - start,
       'shards': final_paths,
       'label_map': final_label_map,
@@ -644,6 +700,15 @@ def convert_coco_to_tfrecords(image_dir,
   if show_progress:
     print(format_summary(summary), flush=True)
   return summary
+
+
+def _output_error(error, output_dir):
+  """One line naming the output path an OSError is about."""
+  path = error.filename or output_dir
+  reason = error.strerror or str(error)
+  if isinstance(error, (FileExistsError, NotADirectoryError)):
+    reason += ' (a file stands where a directory must be)'
+  return f'cannot write output to {path}: {reason}'
 
 
 def _remove_stale_shards(output_dir, base, keep):

@@ -11,7 +11,9 @@ def resize_and_crop_image(image, output_size, scale_min, scale_max, seed):
 
   Draws ``r ~ U[scale_min, scale_max)``; target ``round(r * S)``;
   ``scale = min(target_h / h, target_w / w)``; bilinear resize to
-  ``round([h, w] * scale)``; when that exceeds ``S``, a random crop offset in
+  ``max(round([h, w] * scale), 1)`` (a side that would scale below one pixel,
+  as in a 3x2000 image at S = 128, becomes one pixel, and its scale in
+  ``image_info`` is ``1 / side``); when that exceeds ``S``, a random crop offset in
   ``[0, scaled - S]`` (truncated to an integer); pad bottom/right with zeros.
   With ``scale_min == scale_max == 1`` nothing is random and the offset is 0.
 
@@ -39,7 +41,7 @@ def resize_and_crop_image(image, output_size, scale_min, scale_max, seed):
   else:
     target = desired
   scale = tf.minimum(target[0] / image_size[0], target[1] / image_size[1])
-  scaled_size = tf.round(image_size * scale)
+  scaled_size = tf.maximum(tf.round(image_size * scale), 1.0)
   image_scale = scaled_size / image_size
   if jitter:
     max_offset = tf.maximum(scaled_size - desired, 0.0)

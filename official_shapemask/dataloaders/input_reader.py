@@ -11,28 +11,45 @@ and the batch is taken with ``drop_remainder=True``, so the last real images
 are completed with dummies (``groundtruths['source_id'] == -1``,
 ``num_detections == 0``) and every real image appears exactly once. This fixes
 pitfall 8 of the reference (trailing eval images never evaluated).
+
+Files a pattern matches that are not TFRecords by name (``*.json``: the
+converter writes ``{prefix}_label_map.json`` beside its shards, so
+``data/train*`` matches it) are skipped, with an INFO log line.
+``check_record_headers`` reads the first record header of each file (12
+bytes, no pass over the data) to name a file that is not a TFRecord file
+before a train step is built, and ``find_corrupt_files`` names the shard
+behind a ``corrupted record at <offset>`` error of tf.data, which names none.
 """
 
+import concurrent.futures
 import inspect
+import logging
+import re
+import struct
 
 import gin
 import tensorflow as tf
 
 _DEFAULT_SEED = 0
 
+# File names a record pattern may match that are never TFRecords.
+NON_RECORD_SUFFIXES = ('.json',)
 
-def list_files(file_pattern):
-  """Sorted files matching ``file_pattern``.
+
+def split_record_files(file_pattern):
+  """TFRecord files matching ``file_pattern`` and the files skipped by name.
 
   Args:
     file_pattern: a glob, a comma-separated string of globs, or a list of
       globs.
 
   Returns:
-    sorted list of unique file paths.
+    ``(files, skipped)``: sorted unique paths, and the sorted matches whose
+    name ends in one of ``NON_RECORD_SUFFIXES``.
 
   Raises:
-    ValueError: when a pattern matches no file (the pattern is named).
+    ValueError: when a pattern matches no file, or only skipped files (the
+      pattern is named).
   """
   if isinstance(file_pattern, str):
     patterns = [p for p in file_pattern.split(',') if p]
@@ -40,13 +57,161 @@ def list_files(file_pattern):
     patterns = list(file_pattern)
   if not patterns:
     raise ValueError(f'No file pattern given: {file_pattern!r}.')
-  files = set()
+  files, skipped = set(), set()
   for pattern in patterns:
     matched = tf.io.gfile.glob(pattern)
     if not matched:
       raise ValueError(f'File pattern {pattern!r} matches no file.')
-    files.update(matched)
-  return sorted(files)
+    records = [m for m in matched
+               if not m.lower().endswith(NON_RECORD_SUFFIXES)]
+    if not records:
+      raise ValueError(
+          f'File pattern {pattern!r} matches no TFRecord file, only '
+          f'{", ".join(sorted(matched))}.')
+    files.update(records)
+    skipped.update(set(matched) - set(records))
+  return sorted(files), sorted(skipped)
+
+
+def list_files(file_pattern):
+  """Sorted TFRecord files matching ``file_pattern`` (see
+  ``split_record_files``); skipped files are logged (INFO)."""
+  files, skipped = split_record_files(file_pattern)
+  if skipped:
+    logging.info('%s: skipping %s (not TFRecord files)', file_pattern,
+                    ', '.join(skipped))
+  return files
+
+
+def _crc32c_table():
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data):
+  """The TFRecord format's masked CRC-32C (Castagnoli) of ``data``."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+_HEADER = 12  # uint64 length + masked CRC of the length.
+_FOOTER = 4  # masked CRC of the data.
+
+
+def _header_problem(path):
+  """Why ``path`` is not a TFRecord file, from its first header; or None."""
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    header = f.read(_HEADER)
+  if not header:
+    return None  # An empty file holds no records.
+  if len(header) < _HEADER:
+    return (f'{len(header)} bytes, shorter than one record header '
+            f'({_HEADER} bytes)')
+  length_bytes, crc = header[:8], struct.unpack('<I', header[8:])[0]
+  if _masked_crc32c(length_bytes) != crc:
+    return 'its first record header fails its checksum'
+  return None
+
+
+def check_record_headers(files, max_workers=16):
+  """Raises ValueError naming the first file that is not a TFRecord file.
+
+  Reads 12 bytes per file (in parallel), so it is cheap even for hundreds of
+  shards on a remote file system. A shard damaged after its first record is
+  caught while reading (``find_corrupt_files``).
+  """
+  with concurrent.futures.ThreadPoolExecutor(
+      max(1, min(max_workers, len(files)))) as pool:
+    problems = list(pool.map(_header_problem, files))
+  for path, problem in zip(files, problems):
+    if problem:
+      raise ValueError(f'{path} is not a TFRecord file: {problem}.')
+
+
+_RECORD_ERROR = re.compile(r'(corrupted|truncated) record at (\d+)')
+
+
+def record_error_offset(error):
+  """``(kind, offset)`` of a TFRecord read error message, or None."""
+  match = _RECORD_ERROR.search(str(error))
+  if not match:
+    return None
+  return match.group(1), int(match.group(2))
+
+
+def _record_near(path, offset):
+  """True when a record of ``path`` starts at ``offset`` or its data does.
+
+  TensorFlow reports a bad header or a truncated record at the record's
+  start, and bad data at the start of the data (12 bytes later). Walks the
+  record headers only.
+  """
+  position = 0
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    while position < offset - _HEADER:
+      f.seek(position)
+      header = f.read(_HEADER)
+      if len(header) < _HEADER:
+        return False
+      length = struct.unpack('<Q', header[:8])[0]
+      position += _HEADER + length + _FOOTER
+  return position in (offset, offset - _HEADER)
+
+
+def _read_error(path):
+  """The error reading every record of ``path`` gives, or None."""
+  try:
+    for _ in tf.data.TFRecordDataset(path):
+      pass
+  except tf.errors.DataLossError as e:
+    return e
+  return None
+
+
+def find_corrupt_files(files, error):
+  """The files behind a tf.data ``corrupted/truncated record at N`` error.
+
+  Only files longer than ``N`` with a record (or its data) starting at byte
+  ``N`` are read in full (normally one), so this costs little next to the
+  run it ends.
+
+  Args:
+    files: the files the failing dataset read.
+    error: the error (or its message).
+
+  Returns:
+    list of ``(path, description)``; empty when the message names no offset
+    or no file fails at it.
+  """
+  found = record_error_offset(error)
+  if found is None:
+    return []
+  kind, offset = found
+  if offset == 0:  # The first header: no need to read whole files.
+    return [(path, f'{kind} record at byte 0 ({problem})')
+            for path, problem in zip(files, map(_header_problem, files))
+            if problem]
+  corrupt = []
+  for path in files:
+    if tf.io.gfile.stat(path).length <= offset:
+      continue
+    if not _record_near(path, offset):
+      continue
+    failure = _read_error(path)
+    if failure is not None and record_error_offset(failure) == found:
+      corrupt.append((path, f'{kind} record at byte {offset}'))
+  return corrupt
 
 
 def shard_files(files, input_context=None):

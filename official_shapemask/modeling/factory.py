@@ -28,12 +28,26 @@ from official_shapemask.modeling.layers import detection_generator
 from official_shapemask.ops import anchors as anchors_lib
 
 
-def load_priors(shape_prior_path, num_classes, use_category_for_mask):
-  """Loads and validates a `[C_mask, K, m, m]` shape-prior file."""
-  return prior_file.load_shape_priors(
+def load_priors(shape_prior_path, num_classes, use_category_for_mask,
+                mask_crop_size=None):
+  """Loads and validates a `[C_mask, K, m, m]` shape-prior file.
+
+  Raises:
+    FileNotFoundError, ValueError: naming the file (see
+      `prior_file.load_shape_priors`); ValueError also when `m` differs from
+      `mask_crop_size` (when given).
+  """
+  priors = prior_file.load_shape_priors(
       shape_prior_path,
       num_classes=num_classes if use_category_for_mask else None,
       class_agnostic=not use_category_for_mask)
+  if mask_crop_size is not None and priors.shape[-1] != mask_crop_size:
+    raise ValueError(
+        f"shape priors in {shape_prior_path} are {priors.shape[-1]}x"
+        f"{priors.shape[-1]}, but mask_crop_size is {mask_crop_size} (make "
+        f"them with tools/generate_shape_priors.py --prior_size="
+        f"{mask_crop_size})")
+  return priors
 
 
 @gin.configurable
@@ -117,12 +131,9 @@ def build_shapemask_model(num_classes=91,
     a built `ShapeMaskModel`.
   """
   if shape_prior_path:
-    priors = load_priors(shape_prior_path, num_classes, use_category_for_mask)
+    priors = load_priors(shape_prior_path, num_classes, use_category_for_mask,
+                         mask_crop_size)
     num_clusters = priors.shape[1]
-    if priors.shape[-1] != mask_crop_size:
-      raise ValueError(
-          f"shape priors in {shape_prior_path} are {priors.shape[-1]}x"
-          f"{priors.shape[-1]}, but mask_crop_size is {mask_crop_size}")
   else:
     if not num_clusters:
       raise ValueError(

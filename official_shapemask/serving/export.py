@@ -195,7 +195,8 @@ def restore_model(model, checkpoint):
   Raises:
     FileNotFoundError: no checkpoint at `checkpoint`.
     ValueError: the checkpoint does not hold every model variable, or a
-      shape differs (the gin config does not match the training run).
+      shape differs (the gin config does not match the training run), or
+      its files cannot be read (truncated, overwritten, missing); names it.
   """
   if (tf.io.gfile.isdir(checkpoint) and
       tf.train.latest_checkpoint(checkpoint) is None):
@@ -213,6 +214,13 @@ def restore_model(model, checkpoint):
     raise ValueError(
         f'checkpoint {path} does not match the model built from the gin '
         f'config (same gin files and bindings as in training?): {e}') from e
+  except (IndexError, tf.errors.DataLossError, tf.errors.NotFoundError) as e:
+    # Truncated data reads short (IndexError), overwritten bytes fail the
+    # checksum, a data file is missing.
+    raise ValueError(
+        f'checkpoint {path} cannot be read ({checkpoints.first_line(e)}); '
+        f'give an earlier one, e.g. --checkpoint={path.rsplit("-", 1)[0]}-N '
+        f'(see {os.path.dirname(path) or "."}/checkpoint)') from e
   untracked = untracked_variables(model)
   if untracked:
     raise ValueError(

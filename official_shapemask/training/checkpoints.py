@@ -16,10 +16,18 @@ Two sources initialise a model (`Experiment.init_checkpoint`):
   whose `backbone/` and `decoder/` groups have the same layout. It
   initialises `backbone` or `backbone_fpn`; Keras checks names and shapes
   and any mismatch (another depth or width) fails naming the file.
+
+Resuming (`restore_newest_readable`) restores the newest checkpoint of a
+model directory that reads cleanly: a checkpoint whose files are truncated,
+overwritten or missing is named, moved into `<model_dir>/unreadable/` (when
+asked to) and the one before it is tried. `remove_interrupted_saves` deletes
+what a killed save leaves behind (`ckpt-N_temp/` folders and temporary state
+files).
 """
 
 import os
 import tempfile
+import re
 import uuid
 
 import keras
@@ -287,3 +295,185 @@ def restore_partial(model, checkpoint_path, modules="all", print_fn=print):
     print_fn(f"Restored from {checkpoint_path} (modules={modules}):\n"
              + report.table())
   return report
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be read or does not fit the model; names it."""
+
+
+UNREADABLE_DIR = "unreadable"
+# What a save killed before it finished leaves: TensorFlow's per-save
+# staging folder `<prefix>_temp/` and the checkpoint state file's
+# temporary copy.
+_INTERRUPTED_SAVE = re.compile(r"(.+-\d+_temp|checkpoint\.tmp[0-9a-f]+)")
+
+
+def remove_interrupted_saves(directory):
+  """Deletes the leftovers of killed saves in `directory`; returns them.
+
+  Only call it where no save is in progress (before a run starts saving).
+  """
+  if not tf.io.gfile.isdir(directory):
+    return []
+  removed = []
+  for name in sorted(tf.io.gfile.listdir(directory)):
+    name = name.rstrip("/")
+    if not _INTERRUPTED_SAVE.fullmatch(name):
+      continue
+    path = os.path.join(directory, name)
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
+    removed.append(path)
+  return removed
+
+
+# Errors that say nothing about the checkpoint's files (a storage service
+# unreachable or refusing): re-raised, never taken for damage.
+_NOT_DAMAGE = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+               tf.errors.AbortedError, tf.errors.CancelledError,
+               tf.errors.ResourceExhaustedError,
+               tf.errors.PermissionDeniedError,
+               tf.errors.UnauthenticatedError)
+
+
+def first_line(error):
+  """`Type: first line of the message` of an exception."""
+  text = getattr(error, "message", None) or str(error) or type(error).__name__
+  lines = [line for line in text.strip().splitlines() if line.strip()]
+  return f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
+
+
+def _checkpoint_files(prefix):
+  return tf.io.gfile.glob(prefix + ".index") + tf.io.gfile.glob(
+      prefix + ".data-*")
+
+
+def _move_unreadable(directory, prefixes, state):
+  """Moves `prefixes`' files to `directory/unreadable/`; rewrites the state.
+
+  Returns:
+    the folder the files went to.
+  """
+  target = os.path.join(directory, UNREADABLE_DIR)
+  tf.io.gfile.makedirs(target)
+  for prefix in prefixes:
+    for path in _checkpoint_files(prefix):
+      tf.io.gfile.rename(path, os.path.join(target, os.path.basename(path)),
+                         overwrite=True)
+  gone = set(prefixes)
+  paths = list(state.all_model_checkpoint_paths)
+  times = list(state.all_model_checkpoint_timestamps)
+  keep = [i for i, p in enumerate(paths) if p not in gone]
+  kept_paths = [os.path.basename(paths[i]) for i in keep]
+  if kept_paths:
+    tf.compat.v1.train.update_checkpoint_state(
+        directory, kept_paths[-1], all_model_checkpoint_paths=kept_paths,
+        all_model_checkpoint_timestamps=(
+            [times[i] for i in keep] if len(times) == len(paths) else None),
+        last_preserved_timestamp=state.last_preserved_timestamp)
+  else:
+    tf.io.gfile.remove(os.path.join(directory, "checkpoint"))
+  return target
+
+
+class _Unreadable(Exception):
+  """A checkpoint's files cannot be read (internal to this module)."""
+
+
+def _restore(checkpoint, prefix, directory):
+  """Restores `prefix`; raises _Unreadable or CheckpointError (mismatch)."""
+  try:
+    if not tf.io.gfile.glob(prefix + ".index"):
+      raise FileNotFoundError(f"{prefix}.index does not exist")
+    status = checkpoint.restore(prefix)
+    status.expect_partial()
+    status.assert_existing_objects_matched()
+  except _NOT_DAMAGE:
+    raise
+  except (IndexError, FileNotFoundError, tf.errors.OpError) as e:
+    # Truncated data reads short (IndexError), overwritten bytes fail the
+    # checksum (DataLossError), a missing or damaged file is an OpError.
+    raise _Unreadable(first_line(e)) from None
+  except (AssertionError, ValueError) as e:
+    raise CheckpointError(
+        f"checkpoint {prefix} does not match the model and optimizer built "
+        f"from the gin config (the gin files and bindings of the run that "
+        f"wrote it are in {os.path.join(directory, 'config.gin')}): "
+        f"{first_line(e)}") from None
+
+
+def restore_checkpoint(checkpoint, prefix):
+  """Restores one checkpoint into `checkpoint`'s (built) objects.
+
+  Raises:
+    CheckpointError: naming `prefix`, when it cannot be read or does not
+      match the objects.
+  """
+  try:
+    _restore(checkpoint, prefix, os.path.dirname(prefix))
+  except _Unreadable as e:
+    raise CheckpointError(f"checkpoint {prefix} cannot be read ({e})") from None
+
+
+def restore_newest_readable(checkpoint, directory, move_unreadable=False,
+                            print_fn=print):
+  """Restores the newest checkpoint of `directory` that reads cleanly.
+
+  Checkpoints are tried newest first. One that cannot be read (truncated or
+  overwritten data, a missing file) is reported and, with
+  `move_unreadable`, its files are moved into `directory/unreadable/` and
+  dropped from the directory's checkpoint list, so that the next save and
+  every reader see the readable ones only.
+
+  Args:
+    checkpoint: a `tf.train.Checkpoint` whose objects all exist (built).
+    directory: the model directory (its `checkpoint` state file lists the
+      checkpoints).
+    move_unreadable: bool, move unreadable checkpoints aside (training;
+      an evaluation leaves the directory alone).
+    print_fn: where the report of unreadable checkpoints goes (None =
+      silent).
+
+  Returns:
+    the restored prefix, or None when the directory lists no checkpoint.
+
+  Raises:
+    CheckpointError: naming the checkpoint, when the newest readable one
+      does not match the objects (another model or gin config), or naming
+      every one when none can be read.
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  if state is None:
+    return None
+  prefixes = list(state.all_model_checkpoint_paths)
+  if state.model_checkpoint_path and (
+      state.model_checkpoint_path not in prefixes):
+    prefixes.append(state.model_checkpoint_path)
+  if not prefixes:
+    return None
+  unreadable = []
+  restored = None
+  for prefix in reversed(prefixes):
+    try:
+      _restore(checkpoint, prefix, directory)
+    except _Unreadable as e:
+      unreadable.append((prefix, str(e)))
+      continue
+    restored = prefix
+    break
+  if restored is None:
+    details = "; ".join(f"{p} ({why})" for p, why in unreadable)
+    raise CheckpointError(
+        f"no checkpoint in {directory} can be read: {details}. Move them "
+        f"away to start from scratch, or restore them from a copy")
+  if unreadable:
+    where = ""
+    if move_unreadable:
+      where = (" moved to " + _move_unreadable(
+          directory, [p for p, _ in unreadable], state) + ";")
+    for prefix, why in unreadable if print_fn is not None else ():
+      print_fn(f"Checkpoint {prefix} cannot be read ({why});{where} "
+               f"using {restored} instead")
+  return restored

@@ -18,6 +18,8 @@ from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
+from official_shapemask.training import checkpoints
+from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
 from official_shapemask.training import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
@@ -26,16 +28,57 @@ from official_shapemask.training import train_loop
 
 
 class InvalidInputError(ValueError):
-  """A setting names a file that is missing or does not fit the model."""
+  """A setting names a file that is missing, corrupt or does not fit."""
 
 
-def _require_files(pattern, setting):
+def _require_records(pattern, setting, print_fn):
+  """The TFRecord files of `pattern`; skipped files are reported."""
   if not pattern:
     raise InvalidInputError(f"{setting} is not set")
-  matches = tf.io.gfile.glob(pattern)
-  if not matches:
-    raise InvalidInputError(f"{setting}={pattern!r} matches no file")
-  return matches
+  try:
+    files, skipped = input_reader.split_record_files(pattern)
+  except ValueError as e:
+    raise InvalidInputError(f"{setting}: {e}") from None
+  for path in skipped:
+    print_fn(f"{setting}={pattern!r}: skipping {path} (not a TFRecord file)")
+  return files
+
+
+def check_record_files(pattern, setting):
+  """Raises InvalidInputError naming a file of `pattern` that is no TFRecord.
+
+  Reads each file's first record header only (12 bytes).
+  """
+  try:
+    input_reader.check_record_headers(input_reader.list_files(pattern))
+  except ValueError as e:
+    raise InvalidInputError(f"{setting}: {e}") from None
+
+
+def data_error(error, pattern, setting):
+  """An `InvalidInputError` naming the shard behind a tf.data record error.
+
+  Args:
+    error: the `tf.errors.OpError` a dataset of `pattern` raised.
+    pattern: the file pattern the dataset read.
+    setting: the setting that holds it, for the message.
+
+  Returns:
+    the error to raise, or None when `error` is not a damaged-record error.
+  """
+  if input_reader.record_error_offset(error) is None:
+    return None
+  files = input_reader.list_files(pattern)
+  found = input_reader.find_corrupt_files(files, error)
+  if found:
+    where = "; ".join(f"{path} ({what})" for path, what in found)
+    return InvalidInputError(
+        f"{setting}: damaged TFRecord file {where}; convert it again or "
+        f"leave it out of {pattern!r}")
+  return InvalidInputError(
+      f"{setting}={pattern!r}: a TFRecord file is damaged "
+      f"({checkpoints.first_line(error)}), but no single file fails there "
+      f"when read alone")
 
 
 def _model_setting(name):
@@ -87,20 +130,21 @@ def validate_init_checkpoint(init_checkpoint, prefix=None,
 
 def validate_inputs(mode, train_file_pattern, eval_file_pattern,
                     init_checkpoint, init_checkpoint_prefix=None,
-                    init_checkpoint_modules="backbone"):
+                    init_checkpoint_modules="backbone", print_fn=print):
   """Fails fast, naming the path, before the strategy starts.
 
-  Checks the data patterns of `mode`, the shape-prior file (readable, class
-  count equal to the model's `num_classes`) and the init checkpoint
-  (`validate_init_checkpoint`).
+  Checks the data patterns of `mode` (files that are not TFRecords by name
+  are skipped, saying so), the shape-prior file (readable, class
+  count equal to the model's `num_classes`, prior size equal to its
+  `mask_crop_size`) and the init checkpoint (`validate_init_checkpoint`).
 
   Raises:
     InvalidInputError: naming the setting and the path.
   """
   if mode in ("train", "train_and_eval"):
-    _require_files(train_file_pattern, "train_file_pattern")
+    _require_records(train_file_pattern, "train_file_pattern", print_fn)
   if mode in ("eval", "train_and_eval"):
-    _require_files(eval_file_pattern, "eval_file_pattern")
+    _require_records(eval_file_pattern, "eval_file_pattern", print_fn)
   prior_path = _model_setting("shape_prior_path")
   if prior_path:
     if not tf.io.gfile.exists(prior_path):
@@ -108,8 +152,9 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
           f"shape_prior_path={prior_path!r} does not exist")
     try:
       factory.load_priors(prior_path, _model_setting("num_classes"),
-                          _model_setting("use_category_for_mask"))
-    except ValueError as e:  # Names the path and both class counts.
+                          _model_setting("use_category_for_mask"),
+                          _model_setting("mask_crop_size"))
+    except ValueError as e:  # Names the path and both counts or sizes.
       raise InvalidInputError(str(e)) from None
   if init_checkpoint:
     validate_init_checkpoint(init_checkpoint, init_checkpoint_prefix,
@@ -195,6 +240,9 @@ class Experiment:
     use_bfloat16: `mixed_bfloat16` policy; None = on for TPU only.
     jit_compile: XLA for the replica step; None = on for TPU only.
     mask_eval_class: `all`, `voc` or `nonvoc` (cross-category evaluation).
+    loss_explosion_factor: a step whose total loss exceeds this multiple of
+      the run's reference loss stops training (`divergence.LossGuard`);
+      0 stops on NaN / inf only.
     deterministic_input: deterministic input order (tests).
     print_fn: progress output.
   """
@@ -221,6 +269,7 @@ class Experiment:
                use_bfloat16=None,
                jit_compile=None,
                mask_eval_class="all",
+               loss_explosion_factor=divergence.DEFAULT_FACTOR,
                deterministic_input=False,
                print_fn=print):
     self.model_dir = model_dir
@@ -245,6 +294,7 @@ class Experiment:
     self.use_bfloat16 = on_tpu if use_bfloat16 is None else bool(use_bfloat16)
     self.jit_compile = on_tpu if jit_compile is None else bool(jit_compile)
     self.mask_eval_class = mask_eval_class
+    self.loss_explosion_factor = float(loss_explosion_factor)
     self.deterministic_input = deterministic_input
     self.print_fn = print_fn
     self.strategy = None
@@ -252,6 +302,8 @@ class Experiment:
     self._iterator = None
     self._trained_steps = 0
     self._train_seconds = 0.0
+    self._resumed = False
+    self._config = None
     self.timer = None
 
   # ------------------------------------------------------------------ setup
@@ -259,7 +311,8 @@ class Experiment:
     """Validates inputs, then starts the strategy and builds everything."""
     validate_inputs(mode, self.train_file_pattern, self.eval_file_pattern,
                     self.init_checkpoint if mode != "eval" else None,
-                    self.init_checkpoint_prefix, self.init_checkpoint_modules)
+                    self.init_checkpoint_prefix, self.init_checkpoint_modules,
+                    print_fn=self.print_fn)
     self.timer = train_loop.Timer()  # The seed's clock starts...
     self.strategy = strategies.build_strategy(self.strategy_name, tpu=self.tpu)
     self.chief = strategies.is_chief(self.strategy)
@@ -278,12 +331,13 @@ class Experiment:
       ckpt_dir = self.model_dir if self.chief else os.path.join(
           self.model_dir, "workers",
           str(self.strategy.cluster_resolver.task_id))
+      if mode != "eval":
+        self._restore_or_initialize(ckpt_dir)
+      # After the restore: it may have moved unreadable checkpoints aside.
       self.manager = tf.train.CheckpointManager(
           self.checkpoint, ckpt_dir, max_to_keep=self.max_checkpoints)
-      if mode != "eval":
-        self._restore_or_initialize()
-    if self.chief:
-      operative_config.write_operative_config(self.model_dir)
+    self._config = operative_config.TrainingConfigRecorder(
+        self.model_dir, enabled=self.chief, print_fn=self.print_fn)
     return self
 
   def model_overrides(self, say=True):
@@ -307,10 +361,18 @@ class Experiment:
              "backbone layer trains.")
     return {}
 
-  def _restore_or_initialize(self):
-    latest = self.manager.latest_checkpoint
+  def _restore_or_initialize(self, ckpt_dir):
+    """Resumes from the newest readable checkpoint, or initialises."""
+    for path in checkpoints.remove_interrupted_saves(ckpt_dir):
+      self.print_fn(f"Removed {path}, left by an interrupted checkpoint save")
+    try:
+      latest = checkpoints.restore_newest_readable(
+          self.checkpoint, ckpt_dir, move_unreadable=True,
+          print_fn=self.print_fn)
+    except checkpoints.CheckpointError as e:
+      raise InvalidInputError(str(e)) from None
     if latest:
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      self._resumed = True
       self.print_fn(f"Resumed from {latest} at step {self.step}")
     elif self.init_checkpoint:
       try:
@@ -333,7 +395,12 @@ class Experiment:
 
   # --------------------------------------------------------------- training
   def train_dataset_fn(self):
-    """The `distribute_datasets_from_function` callable of the train set."""
+    """The `distribute_datasets_from_function` callable of the train set.
+
+    Checks first that every file starts with a TFRecord header (names the
+    file that does not), before the train step is traced.
+    """
+    check_record_files(self.train_file_pattern, "train_file_pattern")
     return make_train_dataset_fn(self.train_file_pattern,
                                  self.train_batch_size, self.model,
                                  self.use_bfloat16, self.deterministic_input)
@@ -342,25 +409,47 @@ class Experiment:
     return all(bool(tf.reduce_all(tf.math.is_finite(v.value)))
                for v in self.model.trainable_variables)
 
+  def _divergence_error(self):
+    loop = self._loop
+    latest = self.manager.latest_checkpoint
+    kept = (f"the last good checkpoint is kept: {latest}" if latest else
+            "no checkpoint was saved before it")
+    losses = train_loop.format_losses(loop.bad_losses)
+    if loop.bad_reason == "non-finite":
+      return train_loop.NonFiniteLossError(
+          f"non-finite loss at step {loop.bad_step} ({losses}); training "
+          f"stopped, {kept}")
+    return train_loop.LossExplosionError(
+        f"loss explosion at step {loop.bad_step}: "
+        f"{loop.guard.describe(loop.bad_losses['total_loss'], loop.bad_limit)}"
+        f" ({losses}); training stopped, {kept} (nothing is saved once a "
+        "step explodes). Lower the learning rate, or change "
+        "Experiment.loss_explosion_factor (0 = off)")
+
   def train(self, until_step=None):
     """Trains to `until_step` (default total_steps), checkpointing.
 
     Raises:
       train_loop.NonFiniteLossError: a loss (or, at a checkpoint, a weight)
-        became NaN or infinite; names the step. Nothing from that loop is
-        saved, so the latest checkpoint is the last good one.
+        became NaN or infinite; names the step.
+      train_loop.LossExplosionError: a step's total loss exceeded the
+        explosion limit (`divergence.LossGuard`); names the step.
+        In both cases nothing from that loop is saved, so the latest
+        checkpoint is the last good one.
+      InvalidInputError: a training file is damaged; names it.
     """
     until_step = min(until_step or self.total_steps, self.total_steps)
     if self._loop is None:
       dataset = self.strategy.distribute_datasets_from_function(
           self.train_dataset_fn())
       self._iterator = iter(dataset)
-      if self.chief:  # Again: now it also holds the input parser's settings.
-        operative_config.write_operative_config(self.model_dir)
+      # The input parser is configured now: the operative config is whole.
+      self._config.training_begins(resumed=self._resumed, step=self.step)
       self._loop = train_loop.TrainLoop(
           self.strategy, self.model, self.optimizer,
           gradient_clip_norm=self.gradient_clip_norm,
-          jit_compile=self.jit_compile)
+          jit_compile=self.jit_compile,
+          loss_explosion_factor=self.loss_explosion_factor)
       self._logger = train_loop.ProgressLogger(
           self.total_steps, self.train_batch_size,
           summary_dir=os.path.join(self.model_dir, "train")
@@ -371,15 +460,16 @@ class Experiment:
       num = min(self.steps_per_loop, until_step - step,
                 self.checkpoint_every - step % self.checkpoint_every)
       t = train_loop.Timer()
-      losses = self._loop.run(self._iterator, num)
+      try:
+        losses = self._loop.run(self._iterator, num)
+      except tf.errors.OpError as e:
+        error = data_error(e, self.train_file_pattern, "train_file_pattern")
+        if error is None:
+          raise
+        raise error from None
       seconds = t.elapsed()
-      bad_step = self._loop.nonfinite_step
-      if bad_step is not None:
-        raise train_loop.NonFiniteLossError(
-            f"non-finite loss at step {bad_step} "
-            f"({train_loop.format_losses(self._loop.nonfinite_losses)}); "
-            "training stopped, the last good checkpoint is kept: "
-            f"{self.manager.latest_checkpoint}")
+      if self._loop.bad_step is not None:
+        raise self._divergence_error()
       step = self.step
       self._trained_steps += num
       self._train_seconds += seconds
@@ -391,6 +481,7 @@ class Experiment:
           raise train_loop.NonFiniteLossError(
               f"non-finite weights after step {step}; training stopped, the "
               f"last good checkpoint is kept: {self.manager.latest_checkpoint}")
+        self._config.before_save()
         self.manager.save(checkpoint_number=step)
     return losses
 
@@ -432,6 +523,7 @@ class Experiment:
     if self.eval_batch_size % num_replicas:
       raise ValueError(f"eval_batch_size={self.eval_batch_size} is not a "
                        f"multiple of the {num_replicas} replicas")
+    check_record_files(self.eval_file_pattern, "eval_file_pattern")
     dataset = make_eval_dataset(self.eval_file_pattern, self.eval_batch_size,
                                 self.model, self.use_bfloat16)
     evaluator = coco_evaluator.COCOEvaluator(
@@ -441,14 +533,21 @@ class Experiment:
     step = self.step
     t = train_loop.Timer()
     seen = 0
-    for images, labels in dataset:
-      outputs = predict(images, labels["image_info"])
-      outputs = {k: v.numpy() for k, v in outputs.items()}
-      groundtruths = {k: v.numpy() for k, v in labels["groundtruths"].items()}
-      evaluator.update(outputs, groundtruths)
-      seen += int((groundtruths["source_id"] >= 0).sum())
-      if self.eval_samples and seen >= self.eval_samples:
-        break
+    try:
+      for images, labels in dataset:
+        outputs = predict(images, labels["image_info"])
+        outputs = {k: v.numpy() for k, v in outputs.items()}
+        groundtruths = {k: v.numpy()
+                        for k, v in labels["groundtruths"].items()}
+        evaluator.update(outputs, groundtruths)
+        seen += int((groundtruths["source_id"] >= 0).sum())
+        if self.eval_samples and seen >= self.eval_samples:
+          break
+    except tf.errors.OpError as e:
+      error = data_error(e, self.eval_file_pattern, "eval_file_pattern")
+      if error is None:
+        raise
+      raise error from None
     predict_seconds = t.elapsed()
     metrics = evaluator.evaluate()
     metrics["predict_seconds"] = predict_seconds
@@ -456,6 +555,10 @@ class Experiment:
     metrics["step"] = step
     return eval_results.publish(self.model_dir, metrics, chief=self.chief,
                                 print_fn=self.print_fn)
+
+  def has_checkpoint(self):
+    """Whether `model_dir` holds a checkpoint (before `start` too)."""
+    return tf.train.get_checkpoint_state(self.model_dir) is not None
 
   def latest_checkpoint(self):
     """The newest checkpoint in `model_dir` (a prefix), or None."""
@@ -466,9 +569,46 @@ class Experiment:
     return tf.train.checkpoints_iterator(self.model_dir, timeout=timeout)
 
   def restore(self, checkpoint_path):
-    """Loads a training checkpoint's weights (for evaluation)."""
-    self.checkpoint.restore(checkpoint_path).expect_partial()
+    """Loads a training checkpoint's weights (for evaluation).
+
+    Writes the operative config to `model_dir/eval_config.gin` (never
+    `config.gin`, the training run's).
+
+    Raises:
+      InvalidInputError: naming the checkpoint, when it cannot be read or
+        does not match the model built from the gin config.
+    """
+    try:
+      checkpoints.restore_checkpoint(self.checkpoint, checkpoint_path)
+    except checkpoints.CheckpointError as e:
+      raise InvalidInputError(str(e)) from None
+    if self.chief:
+      operative_config.write_eval_config(self.model_dir)
     return self.step
+
+  def restore_latest(self):
+    """Restores the newest readable checkpoint of `model_dir` (evaluation).
+
+    An unreadable newer checkpoint is named and left where it is.
+
+    Returns:
+      the restored prefix.
+
+    Raises:
+      InvalidInputError: `model_dir` holds no checkpoint, none is readable,
+        or the newest readable one does not match the model (named).
+    """
+    try:
+      path = checkpoints.restore_newest_readable(
+          self.checkpoint, self.model_dir, move_unreadable=False,
+          print_fn=self.print_fn)
+    except checkpoints.CheckpointError as e:
+      raise InvalidInputError(str(e)) from None
+    if path is None:
+      raise InvalidInputError(f"no checkpoint in {self.model_dir}")
+    if self.chief:
+      operative_config.write_eval_config(self.model_dir)
+    return path
 
   @property
   def trained_steps(self):

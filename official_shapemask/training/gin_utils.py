@@ -1,10 +1,12 @@
-"""gin helpers: short config names, parsing, and the operative config.
+"""gin helpers: short config names and parsing.
 
 `parse_config` fails before anything starts, naming the culprit, on an
-unknown gin file, an unknown configurable or parameter (gin's own check, once
-every configurable module is imported), a macro that is bound but never used
-(a misspelt `--gin_bindings="TOTAL_STEP=10"` would otherwise be ignored) and a
-macro that is used but never defined.
+unknown gin file, a syntax error (the file and line, or the binding), an
+unknown configurable or parameter (gin's own check, once every configurable
+module is imported), a macro that is bound but never used (a misspelt
+`--gin_bindings="TOTAL_STEP=10"` would otherwise be ignored) and a macro that
+is used but never defined. The run's operative config is written
+by `operative_config`.
 """
 
 import contextlib
@@ -103,6 +105,18 @@ def check_macros():
                       "used by no configurable (misspelt?)")
 
 
+def _syntax_error_message(error):
+  """One line naming the gin file (and line) or the binding that fails."""
+  text = (error.text or "").strip()
+  column = f" column {error.offset}" if error.offset else ""
+  if error.filename:
+    where = f"gin file {error.filename} line {error.lineno}{column}"
+  else:
+    where = f"--gin_bindings={text!r}{column}"
+  line = f": {text}" if error.filename and text else ""
+  return f"gin syntax error in {where}: {error.msg}{line}"
+
+
 def parse_config(gin_files=(), gin_bindings=(), search_dirs=(REPO_GIN_DIR,)):
   """Parses gin files (short names allowed) and bindings.
 
@@ -118,6 +132,8 @@ def parse_config(gin_files=(), gin_bindings=(), search_dirs=(REPO_GIN_DIR,)):
     with _quiet_include_probe():
       gin.parse_config_files_and_bindings(files, list(gin_bindings),
                                           finalize_config=False)
+  except SyntaxError as e:
+    raise ConfigError(_syntax_error_message(e)) from None
   except (ValueError, IOError) as e:
     raise ConfigError(str(e)) from None
   check_macros()

@@ -62,6 +62,19 @@ def checkpoint_dir(model_dir):
   return os.path.join(model_dir, CHECKPOINT_SUBDIR)
 
 
+def has_checkpoint(model_dir):
+  """Whether `model_dir/checkpoints` holds a finished (numbered) step.
+
+  Orbax writes a step into a temporary folder and renames it to its number
+  when it is complete, so a number means a finished checkpoint.
+  """
+  directory = checkpoint_dir(model_dir)
+  if not tf.io.gfile.isdir(directory):
+    return False
+  return any(name.rstrip("/").isdigit()
+             for name in tf.io.gfile.listdir(directory))
+
+
 def _variable_names(train_step):
   return {group: [v.path for v in variables]
           for group, variables in zip(_GROUPS, train_step.variables())}

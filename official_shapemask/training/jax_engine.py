@@ -50,6 +50,7 @@ import tensorflow as tf
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
 from official_shapemask.training import checkpoints
+from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
 from official_shapemask.training import experiment
 from official_shapemask.training import jax_checkpoints
@@ -84,6 +85,26 @@ def initialize_multi_host():
   if any(os.environ.get(name) for name in _DISTRIBUTION_ENV):
     keras.distribution.initialize()
   return jax.process_count()
+
+
+def _naming_damaged_files(iterator, pattern, setting):
+  """Yields from a tf.data iterator; a damaged record's error names its file.
+
+  Raises:
+    experiment.InvalidInputError: naming the damaged TFRecord file
+      (`experiment.data_error`); other errors pass unchanged.
+  """
+  while True:
+    try:
+      item = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      error = experiment.data_error(e, pattern, setting)
+      if error is None:
+        raise
+      raise error from None
+    yield item
 
 
 def _use_bfloat16(settings):
@@ -128,6 +149,10 @@ class JaxExperiment:
     self._trained_steps = 0
     self._train_seconds = 0.0
     self._pending_evals = []
+    self._resumed = False
+    self._config = None
+    self._guard = divergence.LossGuard(settings.loss_explosion_factor)
+    self._first_loss = None  # This process's first step loss (the guard's).
     self._evaluator = None
 
   # ------------------------------------------------------------------ setup
@@ -168,8 +193,10 @@ class JaxExperiment:
     if mode != "eval":
       self._restore_or_initialize()
     self.state = self.train_step.state()
-    if self.chief and mode != "eval":  # config.gin stays the training's.
-      operative_config.write_operative_config(self.model_dir)
+    # config.gin stays the training's (written when training begins or
+    # just before a resumed run's first save; evaluations write their own).
+    self._config = operative_config.TrainingConfigRecorder(
+        self.model_dir, enabled=self.chief, print_fn=self.print_fn)
     self.print_fn(
         f"JAX engine: {jax.device_count()} {jax.default_backend()} device(s) "
         f"in {self.num_processes} process(es), "
@@ -182,6 +209,7 @@ class JaxExperiment:
       state, step = self.manager.restore(latest)
       self.train_step.assign(state)
       self._step = step
+      self._resumed = True
       self.print_fn(f"Resumed from {self.manager.path(step)} at step {step}")
     elif self.settings.init_checkpoint:
       self._initialize_from(self.settings.init_checkpoint,
@@ -244,10 +272,14 @@ class JaxExperiment:
 
   def _make_iterator(self):
     s = self.settings
+    # Names a file that is no TFRecord before the step is traced.
+    experiment.check_record_files(s.train_file_pattern, "train_file_pattern")
     dataset_fn = experiment.make_train_dataset_fn(
         s.train_file_pattern, self.train_batch_size, self.model,
         self.use_bfloat16, s.deterministic_input)
-    return dataset_fn(self._input_context()).as_numpy_iterator()
+    return _naming_damaged_files(
+        dataset_fn(self._input_context()).as_numpy_iterator(),
+        s.train_file_pattern, "train_file_pattern")
 
   def _learning_rate(self, step):
     # The optimizer's own `learning_rate` reads its step counter, whose
@@ -260,19 +292,42 @@ class JaxExperiment:
   def _weights_finite(self):
     return all(bool(np.isfinite(np.asarray(v)).all()) for v in self.state[0])
 
+  def _divergence_error(self, reason, step, bad_losses):
+    """The TF loop's error for a non-finite or exploding step loss."""
+    latest = self.manager.latest_checkpoint
+    kept = (f"the last good checkpoint is kept: {latest}" if latest else
+            "no checkpoint was saved before it")
+    losses = train_loop.format_losses(bad_losses)
+    if reason == "non-finite":
+      return train_loop.NonFiniteLossError(
+          f"non-finite loss at step {step} ({losses}); training stopped, "
+          f"{kept}")
+    limit = self._guard.limit()
+    if limit is None:
+      limit = self._guard.limit_from_first(self._first_loss)
+    return train_loop.LossExplosionError(
+        f"loss explosion at step {step}: "
+        f"{self._guard.describe(bad_losses['total_loss'], limit)} ({losses}); "
+        f"training stopped, {kept} (nothing is saved once a step explodes). "
+        "Lower the learning rate, or change Experiment.loss_explosion_factor "
+        "(0 = off)")
+
   def train(self, until_step=None):
     """Trains to `until_step` (default total_steps), checkpointing.
 
     Raises:
       train_loop.NonFiniteLossError: a loss (or, at a checkpoint, a weight)
-        became NaN or infinite; names the step. Nothing from that round is
-        saved, so the latest checkpoint is the last good one.
+        became NaN or infinite; names the step.
+      train_loop.LossExplosionError: a step's total loss exceeded the
+        explosion limit (`divergence.LossGuard`); names the step.
+        In both cases nothing from that round is saved, so the latest
+        checkpoint is the last good one.
     """
     until_step = min(until_step or self.total_steps, self.total_steps)
     if self._iterator is None:
       self._iterator = self._make_iterator()
-      if self.chief:  # Again: now it also holds the input parser's settings.
-        operative_config.write_operative_config(self.model_dir)
+      # The input parser is configured now: the operative config is whole.
+      self._config.training_begins(resumed=self._resumed, step=self._step)
       self._logger = train_loop.ProgressLogger(
           self.total_steps, self.train_batch_size,
           summary_dir=os.path.join(self.model_dir, "train")
@@ -292,18 +347,19 @@ class JaxExperiment:
         history.append(step_losses)
       history = jax.device_get(history)  # Waits for the round's last step.
       seconds = t.elapsed()
+      if self._first_loss is None and history:
+        self._first_loss = float(history[0]["total_loss"])
       for i, values in enumerate(history):
-        if not np.isfinite(values["total_loss"]):
-          bad = {k: float(v) for k, v in values.items()}
-          raise train_loop.NonFiniteLossError(
-              f"non-finite loss at step {step + i + 1} "
-              f"({train_loop.format_losses(bad)}); training stopped, the "
-              "last good checkpoint is kept: "
-              f"{self.manager.latest_checkpoint}")
+        reason = self._guard.check(values["total_loss"],
+                                   first=self._first_loss)
+        if reason is not None:
+          raise self._divergence_error(
+              reason, step + i + 1, {k: float(v) for k, v in values.items()})
       step += num
       self._step = step
       losses = {k: float(np.mean([h[k] for h in history]))
                 for k in jax_step.LOSS_KEYS}
+      self._guard.record(losses["total_loss"])
       self._trained_steps += num
       self._train_seconds += seconds
       self._logger.log(step, losses, self._learning_rate(step), seconds, num)
@@ -312,6 +368,7 @@ class JaxExperiment:
           raise train_loop.NonFiniteLossError(
               f"non-finite weights after step {step}; training stopped, the "
               f"last good checkpoint is kept: {self.manager.latest_checkpoint}")
+        self._config.before_save()
         self.manager.save(step, self.state)
     if step >= self.total_steps:
       self.train_step.assign(self.state)
@@ -331,6 +388,7 @@ class JaxExperiment:
     results are published when it finishes (at the latest at `close`).
     """
     s = self.settings
+    experiment.check_record_files(s.eval_file_pattern, "eval_file_pattern")
     dataset = experiment.make_eval_dataset(
         s.eval_file_pattern, self.eval_batch_size, self.model,
         self.use_bfloat16)
@@ -345,7 +403,9 @@ class JaxExperiment:
     step = self._step
     t = train_loop.Timer()
     seen = 0
-    for images, labels in dataset.as_numpy_iterator():
+    for images, labels in _naming_damaged_files(
+        dataset.as_numpy_iterator(), s.eval_file_pattern,
+        "eval_file_pattern"):
       batch = jax_step.replicate_batch((images, labels["image_info"]),
                                        self.distribution)
       outputs = jax.device_get(self.predict_step(self.state, *batch))
@@ -399,12 +459,34 @@ class JaxExperiment:
       else:
         time.sleep(1.0)
 
+  def has_checkpoint(self):
+    """Whether `model_dir` holds a checkpoint (before `start` too)."""
+    return jax_checkpoints.has_checkpoint(self.model_dir)
+
   def restore(self, checkpoint_path):
-    """Loads a checkpoint (a `model_dir/checkpoints/<step>` folder)."""
+    """Loads a checkpoint (a `model_dir/checkpoints/<step>` folder).
+
+    Writes the operative config to `model_dir/eval_config.gin` (never
+    `config.gin`, the training run's).
+    """
     step = int(os.path.basename(os.path.normpath(checkpoint_path)))
     state, self._step = self.manager.restore(step)
     self.state = self.train_step.place(state)
+    if self.chief:
+      operative_config.write_eval_config(self.model_dir)
     return self._step
+
+  def restore_latest(self):
+    """Restores the newest checkpoint of `model_dir` (evaluation).
+
+    Raises:
+      experiment.InvalidInputError: `model_dir` holds no checkpoint.
+    """
+    latest = self.latest_checkpoint()
+    if latest is None:
+      raise experiment.InvalidInputError(f"no checkpoint in {self.model_dir}")
+    self.restore(latest)
+    return latest
 
   @property
   def trained_steps(self):

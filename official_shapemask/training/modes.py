@@ -50,13 +50,15 @@ def train_and_eval(exp, print_fn=print):
 def evaluate(exp, eval_timeout=0, print_fn=print):
   """Evaluates the latest checkpoint, or each new one until the timeout."""
   results = []
+  if not eval_timeout and not exp.has_checkpoint():
+    # Before anything starts, so a mistyped --model_dir stays uncreated.
+    raise experiment.InvalidInputError(
+        f"--mode=eval: no checkpoint in {exp.model_dir} (give the "
+        "--model_dir of a training run, or --eval_timeout to wait for one)")
   try:
     exp.start("eval")
     if not eval_timeout:
-      latest = exp.latest_checkpoint()
-      if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {exp.model_dir}")
-      exp.restore(latest)
+      exp.restore_latest()
       results.append(exp.evaluate())
     else:
       for path in exp.checkpoints_iterator(eval_timeout):

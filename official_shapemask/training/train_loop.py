@@ -5,21 +5,26 @@ One `tf.function` runs `steps_per_loop` steps per call (the seed's
 which runs the model and the same `compute_losses` that `model.fit` uses,
 scales the loss once by `1 / num_replicas_in_sync` (the Keras 3 optimizer
 all-reduces gradients with SUM) and applies SGD. The loop stops at the first
-step whose mean total loss is NaN or infinite and reports that step.
+step whose mean total loss is NaN or infinite, or above the explosion limit
+of `divergence.LossGuard`, and reports that step.
 """
 
+import math
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from official_shapemask.training import divergence
+
+# The errors live with the rule (backend-independent); these names stay.
+DivergenceError = divergence.DivergenceError
+NonFiniteLossError = divergence.NonFiniteLossError
+LossExplosionError = divergence.LossExplosionError
+
 LOSS_KEYS = ("total_loss", "model_loss", "cls_loss", "box_loss", "prior_loss",
              "coarse_loss", "fine_loss", "l2_loss")
-
-
-class NonFiniteLossError(FloatingPointError):
-  """Raised when a loss becomes NaN or infinite; names the step."""
 
 
 class TrainLoop:
@@ -35,18 +40,26 @@ class TrainLoop:
       Not under MirroredStrategy over logical CPU devices: XLA's CPU
       backend places the compiled step on CPU:0 and cannot read the
       variables of the other logical devices.
+    loss_explosion_factor: float, the `divergence.LossGuard` factor; 0
+      checks for NaN / inf only.
   """
 
   def __init__(self, strategy, model, optimizer, gradient_clip_norm=0.0,
-               jit_compile=False):
+               jit_compile=False,
+               loss_explosion_factor=divergence.DEFAULT_FACTOR):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
     self.gradient_clip_norm = float(gradient_clip_norm)
     self.jit_compile = bool(jit_compile)
+    self.guard = divergence.LossGuard(loss_explosion_factor)
     self._loop_fn = None
-    self.nonfinite_step = None  # Set by `run`: 1-based step of a bad loss.
-    self.nonfinite_losses = None
+    # Set by `run` when it stopped early: the 1-based step, its losses,
+    # 'non-finite' or 'explosion', and the limit in force.
+    self.bad_step = None
+    self.bad_losses = None
+    self.bad_reason = None
+    self.bad_limit = None
 
   def replica_step(self, images, labels):
     """One step on one replica; returns its float32 losses."""
@@ -68,13 +81,16 @@ class TrainLoop:
     if self.jit_compile:
       step_fn = tf.function(step_fn, jit_compile=True)
     strategy = self.strategy
+    factor = self.guard.factor
+    floor = divergence.FLOOR
 
     @tf.function
-    def loop(iterator, num_steps):
+    def loop(iterator, num_steps, limit):
+      # `limit` < 0: no reference yet; the first step's loss sets it.
       sums = {k: tf.constant(0.0) for k in LOSS_KEYS}
       done = tf.constant(0)
       bad = {k: tf.constant(0.0) for k in LOSS_KEYS}
-      finite = tf.constant(True)
+      healthy = tf.constant(True)
       for _ in tf.range(num_steps):
         images, labels = next(iterator)
         per_replica = strategy.run(step_fn, args=(images, labels))
@@ -84,31 +100,45 @@ class TrainLoop:
         }
         sums = {k: sums[k] + step_losses[k] for k in LOSS_KEYS}
         done += 1
-        if not tf.math.is_finite(step_losses["total_loss"]):
-          finite = tf.constant(False)
+        total = step_losses["total_loss"]
+        limit = tf.where(limit < 0.0, factor * tf.maximum(total, floor),
+                         limit)
+        if tf.logical_or(tf.logical_not(tf.math.is_finite(total)),
+                         total > limit):
+          healthy = tf.constant(False)
           bad = step_losses
           break
       n = tf.cast(done, tf.float32)
-      return {k: v / n for k, v in sums.items()}, finite, bad
+      return {k: v / n for k, v in sums.items()}, healthy, bad, limit
 
     return loop
 
   def run(self, iterator, num_steps):
     """Runs up to `num_steps` steps; returns the mean losses (floats).
 
-    Stops after a step whose total loss is NaN or infinite; then
-    `nonfinite_step` is that step (`optimizer.iterations` after it) and
-    `nonfinite_losses` its losses. Both are None otherwise.
+    Stops after a step whose total loss is NaN or infinite or above the
+    guard's limit; then `bad_step` is that step (`optimizer.iterations`
+    after it), `bad_losses` its losses, `bad_reason` 'non-finite' or
+    'explosion' and `bad_limit` the limit. All are None otherwise, and the
+    mean total loss joins the guard's history.
     """
     if self._loop_fn is None:
       self._loop_fn = self._build()
-    losses, finite, bad = self._loop_fn(iterator,
-                                        tf.constant(num_steps, tf.int32))
-    self.nonfinite_step = self.nonfinite_losses = None
-    if not bool(finite):
-      self.nonfinite_step = int(self.optimizer.iterations.numpy())
-      self.nonfinite_losses = {k: float(v) for k, v in bad.items()}
-    return {k: float(v) for k, v in losses.items()}
+    limit = self.guard.limit()
+    losses, healthy, bad, used_limit = self._loop_fn(
+        iterator, tf.constant(num_steps, tf.int32),
+        tf.constant(-1.0 if limit is None else limit, tf.float32))
+    losses = {k: float(v) for k, v in losses.items()}
+    self.bad_step = self.bad_losses = self.bad_reason = self.bad_limit = None
+    if bool(healthy):
+      self.guard.record(losses["total_loss"])
+    else:
+      self.bad_step = int(self.optimizer.iterations.numpy())
+      self.bad_losses = {k: float(v) for k, v in bad.items()}
+      self.bad_reason = ("non-finite" if not math.isfinite(
+          self.bad_losses["total_loss"]) else "explosion")
+      self.bad_limit = float(used_limit)
+    return losses
 
 
 def format_losses(losses):

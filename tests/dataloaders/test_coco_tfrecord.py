@@ -254,6 +254,8 @@ def test_degenerate_polygons_and_zero_area_boxes_dropped(coco_tiny_root,
       {'segmentation': [[0.0, 0.0, 10.0, 10.0, 20.0, 20.0]]},  # Collinear.
       {'segmentation': []},  # No polygon at all.
       {'bbox': [-30.0, 0.0, 20.0, 20.0]},  # Outside the image.
+      # Box inside, polygon entirely outside: an all-zero mask.
+      {'segmentation': [[-50.0, -50.0, -40.0, -50.0, -40.0, -40.0]]},
   ]):
     ann = dict(polygon_ann, id=900000 + i, **change)
     extra.append(ann)
@@ -268,8 +270,12 @@ def test_degenerate_polygons_and_zero_area_boxes_dropped(coco_tiny_root,
       str(coco_tiny_root / 'val2017'), json_file, str(tmp_path / 'o' / 'x'),
       num_shards=1, show_progress=False)
   assert summary['dropped'] == {'zero_area_box': 2, 'degenerate_polygon': 3,
-                                'box_outside_image': 1}
-  num_written = len(data['annotations']) - 6
+                                'box_outside_image': 1, 'empty_mask': 1}
+  assert summary['dropped_ids'] == {
+      'zero_area_box': [900000, 900001],
+      'degenerate_polygon': [900002, 900003, 900004],
+      'box_outside_image': [900005], 'empty_mask': [900006]}
+  num_written = len(data['annotations']) - 7
   assert summary['instances'] == num_written
   records = _read_records(summary['shards'][0])
   assert sum(len(r['image/object/class/label']) for r in records.values()) \
@@ -281,7 +287,60 @@ def test_degenerate_polygons_and_zero_area_boxes_dropped(coco_tiny_root,
       _decode_mask(masks[-1]),
       _decode_mask(masks[same_image.index(polygon_ann['id'])]))
   line = coco_tfrecord.format_summary(summary)
-  assert 'dropped 6' in line and 'degenerate_polygon 3' in line
+  assert 'dropped 7' in line and 'degenerate_polygon 3' in line
+  assert 'empty_mask 1' in line
+  assert ('dropped annotation ids: zero_area_box 900000, 900001; '
+          'degenerate_polygon 900002, 900003, 900004; box_outside_image '
+          '900005; empty_mask 900006') in line
+  # Only the first few ids of a reason are listed.
+  many = dict(summary, dropped=dict(summary['dropped'], zero_area_box=9))
+  assert 'zero_area_box 900000, 900001, ...;' in coco_tfrecord.format_summary(
+      many)
+
+
+def test_more_shards_than_images_is_capped_and_said(coco_tiny_root, tmp_path):
+  data = _coco_subset(coco_tiny_root, 3)
+  json_file = _write_json(tmp_path / 'instances.json', data)
+  summary = coco_tfrecord.convert_coco_to_tfrecords(
+      str(coco_tiny_root / 'val2017'), json_file, str(tmp_path / 'o' / 'x'),
+      num_shards=8, show_progress=False)
+  assert summary['num_shards_requested'] == 8
+  assert [os.path.basename(p) for p in summary['shards']] == [
+      f'x-{i:05d}-of-00003.tfrecord' for i in range(3)]
+  for shard in summary['shards']:  # None is empty.
+    assert sum(1 for _ in tf.data.TFRecordDataset(shard)) == 1
+  assert 'num_shards=8 capped at the 3 images' in (
+      coco_tfrecord.format_summary(summary))
+
+
+@pytest.mark.parametrize('case', ['parent_is_a_file', 'read_only'])
+def test_unwritable_output_names_the_path(case, coco_tiny_root, tmp_path,
+                                          monkeypatch):
+  data = _coco_subset(coco_tiny_root, 1)
+  json_file = _write_json(tmp_path / 'instances.json', data)
+  if case == 'parent_is_a_file':
+    (tmp_path / 'taken').write_text('a file, not a directory')
+    prefix = tmp_path / 'taken' / 'records' / 'val'
+    named = str(tmp_path / 'taken')
+  else:
+    # Tests may run as root, which a chmod does not stop: the OS's refusal
+    # is simulated where the converter first writes.
+    out_dir = tmp_path / 'locked'
+    out_dir.mkdir()
+    prefix = out_dir / 'val'
+    named = str(out_dir)
+
+    def refuse(*args, **kwargs):
+      raise PermissionError(13, 'Permission denied', str(out_dir))
+
+    monkeypatch.setattr(coco_tfrecord.tempfile, 'mkdtemp', refuse)
+  with pytest.raises(coco_tfrecord.ConversionError) as err:
+    coco_tfrecord.convert_coco_to_tfrecords(
+        str(coco_tiny_root / 'val2017'), json_file, str(prefix),
+        num_shards=1, show_progress=False)
+  message = str(err.value)
+  assert message.startswith(f'cannot write output to {named}'), message
+  assert '\n' not in message
 
 
 # ----------------------------------------------------------------------------

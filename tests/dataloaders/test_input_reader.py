@@ -1,5 +1,7 @@
 """tf.data reader on real coco_tiny160 shards."""
 
+import struct
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -132,3 +134,80 @@ def test_eval_keeps_every_image_exactly_once(tiny_val_records, batch):
     ids.extend(source_id[~padded].tolist())
   assert len(ids) == 80 and len(set(ids)) == 80
   assert num_padded == (-80) % batch
+
+
+# ------------------------------------------------ files that are not records
+def test_label_map_beside_the_shards_is_skipped(tiny_val_records):
+  # The converter writes val_label_map.json next to val-*; 'val*' matches it.
+  pattern = tiny_val_records.replace('val-*', 'val*')
+  files, skipped = input_reader.split_record_files(pattern)
+  assert [f.rsplit('/', 1)[1] for f in skipped] == ['val_label_map.json']
+  assert len(files) == 4 and not any(f.endswith('.json') for f in files)
+  dataset = input_reader.build_dataset(pattern, _eval_parser(), 8,
+                                       is_training=False)
+  ids = [i for i in _source_ids(dataset) if i >= 0]
+  assert len(ids) == 80
+
+
+def test_a_pattern_of_json_files_only_is_named(tmp_path):
+  (tmp_path / 'train_label_map.json').write_text('{"1": "person"}')
+  with pytest.raises(ValueError, match='matches no TFRecord file, only '
+                     f'{tmp_path}/train_label_map.json'):
+    input_reader.list_files(str(tmp_path / 'train*'))
+
+
+def test_header_check_names_a_file_that_is_not_a_tfrecord(tiny_val_records,
+                                                          tmp_path):
+  shards = input_reader.list_files(tiny_val_records)
+  empty = tmp_path / 'empty.tfrecord'
+  empty.write_bytes(b'')
+  input_reader.check_record_headers(shards + [str(empty)])  # All valid.
+  for name, content, why in (
+      ('notes.txt', b'this is not a TFRecord file at all', 'checksum'),
+      ('stub.tfrecord', b'12345', 'shorter than one record header')):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=why) as err:
+      input_reader.check_record_headers(shards + [str(path)])
+    assert str(err.value).startswith(f'{path} is not a TFRecord file')
+
+
+# ------------------------------------------------------- damaged shards
+def _damaged_copy(shards, tmp_path, how):
+  """Copies the shards; damages the third one in the middle of a record."""
+  copies = []
+  for shard in shards:
+    copy = tmp_path / shard.rsplit('/', 1)[1]
+    copy.write_bytes(open(shard, 'rb').read())
+    copies.append(str(copy))
+  raw = open(copies[2], 'rb').read()
+  if how == 'overwritten':
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    open(copies[2], 'wb').write(bytes(flipped))
+  else:  # Cut inside the data of the record around the middle.
+    position = 0
+    while True:
+      length = struct.unpack('<Q', raw[position:position + 8])[0]
+      end = position + 12 + length + 4
+      if end > len(raw) // 2:
+        break
+      position = end
+    open(copies[2], 'wb').write(raw[:position + 12 + length // 2])
+  return copies
+
+
+@pytest.mark.parametrize('how,kind', [('overwritten', 'corrupted'),
+                                      ('truncated', 'truncated')])
+def test_the_damaged_shard_is_named(tiny_val_records, tmp_path, how, kind):
+  files = _damaged_copy(input_reader.list_files(tiny_val_records), tmp_path,
+                        how)
+  dataset = input_reader.build_dataset(files, _eval_parser(), 8,
+                                       is_training=False)
+  with pytest.raises(tf.errors.DataLossError) as err:
+    _source_ids(dataset)
+  assert files[2] not in str(err.value)  # tf.data does not name it.
+  found = input_reader.find_corrupt_files(files, err.value)
+  assert [path for path, _ in found] == [files[2]]
+  assert found[0][1].startswith(f'{kind} record at byte ')
+  assert input_reader.find_corrupt_files(files, 'some other error') == []

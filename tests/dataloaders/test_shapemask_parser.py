@@ -480,20 +480,20 @@ def test_rejects_bad_settings():
     shapemask_parser.Parser(S, mask_sampler='seed')
 
 
-def _example(num_boxes, with_masks, source_id=b'17'):
-  """A 20x30 synthetic record with `num_boxes` boxes (edge cases only)."""
+def _example(num_boxes, with_masks, source_id=b'17', height=20, width=30):
+  """A synthetic record with `num_boxes` boxes (edge cases only)."""
   feature = lambda **kw: tf.train.Feature(**kw)
   floats = lambda v: feature(float_list=tf.train.FloatList(value=v))
   ints = lambda v: feature(int64_list=tf.train.Int64List(value=v))
   data = lambda v: feature(bytes_list=tf.train.BytesList(value=v))
-  mask = np.zeros([20, 30, 1], np.uint8)
-  mask[2:10, 3:15] = 1
+  mask = np.zeros([height, width, 1], np.uint8)
+  mask[height // 10:max(height // 2, 1), width // 10:max(width // 2, 1)] = 1
   features = {
       'image/encoded': data([tf.io.encode_jpeg(
-          tf.fill([20, 30, 3], tf.constant(90, tf.uint8))).numpy()]),
+          tf.fill([height, width, 3], tf.constant(90, tf.uint8))).numpy()]),
       'image/source_id': data([source_id]),
-      'image/height': ints([20]),
-      'image/width': ints([30]),
+      'image/height': ints([height]),
+      'image/width': ints([width]),
       'image/object/bbox/ymin': floats([0.1] * num_boxes),
       'image/object/bbox/xmin': floats([0.1] * num_boxes),
       'image/object/bbox/ymax': floats([0.5] * num_boxes),
@@ -531,3 +531,21 @@ def test_bad_records_fail_with_named_errors():
                      match='source_id must be a decimal integer'):
     shapemask_parser.Parser(128, mode='eval')(
         tf.constant(_example(1, with_masks=True, source_id=b'ab')))
+
+
+@pytest.mark.parametrize('height,width', [(3, 2000), (2000, 3)])
+def test_extreme_aspect_ratio_keeps_one_pixel(height, width):
+  # At S = 128 the short side scales to 0.19 px: it becomes one pixel.
+  record = tf.constant(_example(1, with_masks=True, height=height,
+                                width=width))
+  image, labels = shapemask_parser.Parser(128, mode='eval')(record)
+  info = labels['image_info'].numpy()
+  scaled = np.round(info[0] * info[2])
+  np.testing.assert_array_equal(scaled, [1, 128] if height < width else
+                                [128, 1])
+  image = image.numpy()
+  filled = np.abs(image).sum(axis=-1) > 0
+  assert filled.sum() == 128 and filled[0, 0], filled.sum()
+  image, labels = shapemask_parser.Parser(128, mode='train', seed=0)(record)
+  assert np.all(np.isfinite(image.numpy()))
+  assert np.all(labels['image_info'].numpy()[2] > 0)

@@ -9,8 +9,10 @@ made by the CLI from a checkpoint of that model, so restoring is tested too
 (the CLI builds a fresh, differently initialised model).
 """
 
+import glob
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -286,6 +288,30 @@ def test_restore_from_a_whole_model_weights_file(planted, keras_outputs,
     export.restore_model(other, newest)
 
 
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_restore_names_a_damaged_checkpoint(planted, tmp_path, how):
+  run_dir = tmp_path / "run"
+  shutil.copytree(planted["model_dir"], run_dir)
+  prefix = str(run_dir / os.path.basename(planted["prefix"]))
+  data = pathlib.Path(glob.glob(prefix + ".data-*")[0])
+  raw = bytearray(data.read_bytes())
+  if how == "truncated":
+    raw = raw[:len(raw) // 2]
+  else:
+    raw[len(raw) // 2] ^= 0xFF
+  data.write_bytes(bytes(raw))
+  gin_utils.parse_config(GIN_FILES, GIN_BINDINGS)
+  try:
+    fresh = factory.build_shapemask_model()
+  finally:
+    gin.clear_config()
+  with pytest.raises(ValueError) as err:
+    export.restore_model(fresh, prefix)
+  message = str(err.value)
+  assert message.startswith(f"checkpoint {prefix} cannot be read ("), message
+  assert "\n" not in message
+
+
 def test_export_refuses_non_empty_dir(planted, tmp_path):
   (tmp_path / "keep.txt").write_text("not a SavedModel")
   with pytest.raises(FileExistsError, match="overwrite"):
@@ -340,3 +366,22 @@ def test_cli_errors_name_the_problem(tmp_path):
       result.stderr)
   assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("height,width", [(3, 2000), (2000, 3)])
+def test_extreme_aspect_ratio_runs(exported, height, width):
+  # At 128 px the short side scales to 0.19 px: it becomes one pixel.
+  rng = np.random.default_rng(height)
+  image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+  signatures = exported["loaded"].signatures
+  by_tensor = to_numpy(signatures["image_tensor"](images=image[None]))
+  by_bytes = to_numpy(signatures["image_bytes"](
+      image_bytes=tf.constant([tf.io.encode_png(image).numpy()])))
+  for outputs in (by_tensor, by_bytes):
+    info = outputs["image_info"][0]
+    np.testing.assert_allclose(info[0], [height, width])
+    np.testing.assert_allclose(np.round(info[0] * info[2]),
+                               [1, 128] if height < width else [128, 1])
+    for key in export.OUTPUT_KEYS:
+      assert np.all(np.isfinite(outputs[key])), key
+  assert_outputs_close(by_bytes, by_tensor)

@@ -212,3 +212,23 @@ def test_draw_detections_blends_masks_and_skips_boxes_outside():
   assert (drawn[40, 20:121] == visualize.class_color(1)).all()  # Box edge.
   outside = visualize.draw_detections(image, [[130, 0, 150, 20]], [1], [0.9])
   np.testing.assert_array_equal(outside, image)
+
+
+def test_extreme_aspect_ratio_images_run(saved_model, tmp_path):
+  # A 3x2000 and a 2000x3 image at 128 px: the short side becomes 1 pixel.
+  paths = []
+  for height, width in ((3, 2000), (2000, 3)):
+    path = tmp_path / f"strip_{height}x{width}.png"
+    image = np.full((height, width, 3), 120, np.uint8)
+    path.write_bytes(tf.io.encode_png(image).numpy())
+    paths.append(str(path))
+  predictor = predictor_lib.Predictor.from_saved_model(saved_model)
+  out_dir = tmp_path / "out"
+  results = predict_tool.run(paths, predictor, str(out_dir), THRESHOLD, None,
+                             print_fn=lambda *a: None)
+  for path, (height, width) in zip(paths, ((3, 2000), (2000, 3))):
+    name = pathlib.Path(path).stem + ".png"
+    assert decode(out_dir / name).numpy().shape == (height, width, 3)
+  for result in results:
+    x, y, w, h = result["bbox"]
+    assert np.all(np.isfinite([x, y, w, h]))

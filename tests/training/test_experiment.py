@@ -139,6 +139,23 @@ def test_priors_with_another_class_count_fail_with_both_numbers(
   assert exp.strategy is None
 
 
+def test_priors_of_another_size_fail_with_both_sizes(clean_gin,
+                                                     tiny_train_records,
+                                                     tmp_path):
+  priors = tmp_path / "priors_16px.npy"
+  np.save(priors, np.full((91, 4, 16, 16), 0.5, np.float32))
+  _parse(f"TRAIN_FILE_PATTERN='{tiny_train_records}'",
+         f"SHAPE_PRIOR_PATH='{priors}'")
+  exp = experiment.Experiment(str(tmp_path / "run"))
+  with pytest.raises(experiment.InvalidInputError) as err:
+    exp.start("train")
+  message = str(err.value)
+  assert str(priors) in message and "16x16" in message, message
+  assert "mask_crop_size is 32" in message, message
+  assert exp.strategy is None
+  assert not (tmp_path / "run").exists()
+
+
 # -------------------------------------------------------------- fine-tuning
 def test_restore_all_into_another_class_count(coco_checkpoint):
   source, path = coco_checkpoint
@@ -253,7 +270,7 @@ def test_finetune_91_class_checkpoint_on_7_classes(
   assert tf.train.latest_checkpoint(str(tmp_path / "run")).endswith("ckpt-2")
 
 
-# ------------------------------------------------------------ NaN / inf
+# --------------------------------------------- NaN / inf / explosion
 def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(
     clean_gin, tiny_train_records, tmp_path):
   # A real cause: the learning rate jumps to 1e10 from step 3 on; the loss
@@ -266,16 +283,19 @@ def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(
   exp = experiment.Experiment(str(model_dir), print_fn=lambda *a, **k: None)
   try:
     exp.start("train")
-    with pytest.raises(train_loop.NonFiniteLossError) as err:
+    with pytest.raises(train_loop.DivergenceError) as err:
       exp.train()
   finally:
     exp.close()
   message = str(err.value)
-  match = re.search(r"non-finite (loss at|weights after) step (\d+)", message)
+  # Caught as an explosion (finite) or as NaN / inf, whichever comes first.
+  match = re.search(
+      r"(loss explosion at|non-finite loss at|non-finite weights after) "
+      r"step (\d+)", message)
   assert match, message
   bad_step = int(match.group(2))
   assert 4 <= bad_step < 12
-  if match.group(1) == "loss at":  # The loop stopped at the bad step.
+  if match.group(1) != "non-finite weights after":  # Stopped at the step.
     assert exp.step == bad_step
   last = tf.train.latest_checkpoint(str(model_dir))
   assert last is not None and last in message

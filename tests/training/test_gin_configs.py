@@ -284,6 +284,18 @@ def test_unknown_gin_file_and_include(tmp_path, data_paths):
     _parse(str(bad), data_paths)
 
 
+def test_syntax_errors_name_the_binding_or_the_file(tmp_path, data_paths):
+  with pytest.raises(gin_utils.ConfigError) as err:
+    _parse("tiny_cpu.gin", data_paths, "TOTAL_STEPS=2a")
+  assert "--gin_bindings='TOTAL_STEPS=2a'" in str(err.value)
+  assert "\n" not in str(err.value)
+  bad = tmp_path / "bad.gin"
+  bad.write_text("include 'tiny_cpu.gin'\nTOTAL_STEPS = 2a\n")
+  with pytest.raises(gin_utils.ConfigError) as err:
+    _parse(str(bad), data_paths)
+  assert f"gin file {bad} line 2" in str(err.value)
+
+
 def _run_train_py(*args, timeout=240):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args],
@@ -291,14 +303,19 @@ def _run_train_py(*args, timeout=240):
                         timeout=timeout, check=False)
 
 
-def test_train_py_unknown_macro_fails_before_start(tmp_path, data_paths):
+@pytest.mark.parametrize("binding,error", [
+    ("TOTAL_STEP=10", "unknown gin macro(s) TOTAL_STEP"),
+    ("TOTAL_STEPS=2a", "gin syntax error in --gin_bindings='TOTAL_STEPS=2a'"),
+])
+def test_train_py_bad_binding_fails_before_start(tmp_path, data_paths,
+                                                 binding, error):
   model_dir = tmp_path / "run"
   result = _run_train_py(
       "--gin_file=tiny_cpu.gin",
       f"--gin_bindings=TRAIN_FILE_PATTERN='{data_paths['TRAIN_FILE_PATTERN']}'",
-      "--gin_bindings=TOTAL_STEP=10", f"--model_dir={model_dir}")
+      f"--gin_bindings={binding}", f"--model_dir={model_dir}")
   assert result.returncode == 1, result.stderr[-3000:]
-  assert "train.py: error: unknown gin macro(s) TOTAL_STEP" in result.stderr
+  assert f"train.py: error: {error}" in result.stderr
   assert "Traceback" not in result.stderr
   assert not model_dir.exists()
 

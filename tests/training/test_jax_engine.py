@@ -1,7 +1,8 @@
 """The JAX engine's loop and fine-tuning start (JAX subprocesses).
 
-The loop stops at a non-finite loss naming the step (a stand-in step, no
-compile); a fine-tuning run starts from a Keras backbone weights file through
+The loop stops at a non-finite or exploding loss naming the step (a
+stand-in step, no compile; the explosion rule is the TF loop's
+`divergence.LossGuard`); a fine-tuning run starts from a Keras backbone weights file through
 TensorFlow's readers (`init_weights_tf` in a subprocess), and a file that
 cannot initialise the asked modules stops it with one line naming the file.
 """
@@ -9,7 +10,8 @@ import textwrap
 
 import pytest
 
-_NON_FINITE = textwrap.dedent("""
+_DIVERGING = textwrap.dedent("""
+    import sys
     import numpy as np
     from official_shapemask.training import experiment
     from official_shapemask.training import jax_engine
@@ -20,7 +22,7 @@ _NON_FINITE = textwrap.dedent("""
 
     def fake_step(state, images, labels):
       calls.append(1)
-      value = np.nan if len(calls) == 3 else 1.0
+      value = float(sys.argv[1]) if len(calls) == 3 else 1.0
       return state, {k: np.float32(value) for k in jax_step.LOSS_KEYS}
 
     class FakeManager:
@@ -40,21 +42,24 @@ _NON_FINITE = textwrap.dedent("""
     exp._logger = train_loop.ProgressLogger(8, 2, print_fn=print)
     try:
       exp.train()
-    except train_loop.NonFiniteLossError as e:
+    except train_loop.DivergenceError as e:
       message = str(e)
     else:
       raise AssertionError("no error")
-    assert message.startswith("non-finite loss at step 3 (total_loss=nan"), (
-        message)
-    assert message.endswith("the last good checkpoint is kept: "
-                            "/run/checkpoints/0"), message
+    assert message.startswith(sys.argv[2]), message
+    assert ("the last good checkpoint is kept: /run/checkpoints/0"
+            in message), message
     assert exp.step == 0
     print("OK")
 """)
 
 
-def test_non_finite_loss_stops_naming_the_step(run_under_jax):
-  result = run_under_jax(_NON_FINITE, timeout=300)
+@pytest.mark.parametrize("value,start", [
+    ("nan", "non-finite loss at step 3 (total_loss=nan"),
+    ("1e6", "loss explosion at step 3: total loss 1e+06 exceeds 20"),
+])
+def test_diverging_loss_stops_naming_the_step(run_under_jax, value, start):
+  result = run_under_jax(_DIVERGING, value, start, timeout=300)
   assert result.returncode == 0 and "OK" in result.stdout, (
       result.stdout[-3000:] + result.stderr[-5000:])
 
