@@ -27,6 +27,9 @@ from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_out",
                                   "where the data, run and pictures go")
@@ -44,7 +47,7 @@ _FRESH = flags.DEFINE_bool(
 def _run(title, args):
   """Runs one tool, streaming its output; stops the demo if it fails."""
   print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
   proc = subprocess.run([sys.executable] + args, cwd=REPO, env=env,
                         check=False)
   if proc.returncode:
@@ -127,4 +130,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # One stderr filter for every step (the tools see it and add none).
+  quiet_logs.install()
   app.run(main)

@@ -31,6 +31,13 @@ def test_demo_end_to_end_into_the_folder_of_a_previous_run(tmp_path):
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
       check=False)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  # Our own progress only: no TensorFlow ERROR/WARNING lines (cuInit on a
+  # CPU machine, oneDNN int64, map_fn deprecation; official_shapemask.
+  # quiet_logs), in the demo's output or its tools'.
+  tf_lines = re.findall(r"^(?:\d{4}-\d\d-\d\d [\d:.]+: [EWF] |[EWF]\d{4} "
+                        r"[\d:.]+ +\d+ \S+\] ).*$",
+                        proc.stdout + proc.stderr, re.MULTILINE)
+  assert not tf_lines, tf_lines
 
   last = proc.stdout.strip().splitlines()[-1]
   match = re.fullmatch(

@@ -8,6 +8,7 @@ detects four boxes with masks above 0.5 on any image), exported with
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 
@@ -31,6 +32,8 @@ sys.path.insert(0, str(helpers.REPO_ROOT / "tools"))
 import predict as predict_tool  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 IMAGE_IDS = (helpers.VAL_IMAGE_ID, helpers.PORTRAIT_IMAGE_ID)
+TF_LOG_LINE = re.compile(r"^(?:\d{4}-\d\d-\d\d [\d:.]+: [EWF] |[EWF]\d{4} "
+                         r"[\d:.]+ +\d+ \S+\] )", re.MULTILINE)
 THRESHOLD = 0.5
 
 
@@ -65,7 +68,7 @@ def cli_run(saved_model, images_dir, coco_tiny_root, tmp_path_factory):
       f"--score_threshold={THRESHOLD}", f"--label_map={annotations}")
   assert result.returncode == 0, result.stderr[-3000:]
   return {"output_dir": output_dir, "stdout": result.stdout,
-          "annotations": annotations}
+          "stderr": result.stderr, "annotations": annotations}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +85,9 @@ def expected(saved_model, images_dir):
 
 def test_progress_and_files(cli_run):
   stdout = cli_run["stdout"]
+  # Our progress only: none of TensorFlow's start-up ERROR/WARNING lines
+  # (official_shapemask.quiet_logs).
+  assert not TF_LOG_LINE.search(cli_run["stderr"]), cli_run["stderr"][-3000:]
   assert "image_id from file name stems" in stdout
   for i, image_id in enumerate(IMAGE_IDS[::-1]):  # Sorted by file name.
     assert f"[{i + 1}/2] " in stdout and f"{image_id:012d}.jpg" in stdout
