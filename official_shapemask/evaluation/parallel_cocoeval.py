@@ -1,0 +1,232 @@
+"""pycocotools COCOeval of one iou type, split by category over processes.
+
+`evaluate(coco_gt, results, image_ids, iou_type, num_workers)` returns an
+object with the two attributes the metric code reads from an accumulated
+`pycocotools.cocoeval.COCOeval`: `params` (`catIds`, `iouThrs`, `areaRngLbl`,
+`maxDets`, ...) and `eval` (`precision` [T, R, K, A, M], `recall`
+[T, K, A, M], `scores`).
+
+COCOeval treats every category on its own: detections are matched per image
+and category, and accumulated per category. So the categories are split into
+groups of similar work, each group is evaluated by stock pycocotools in a
+spawned worker process with the ground truth and the detections of its
+categories (in their original order), and the per-category arrays are put
+back together: bit-identical to one COCOeval over everything. With one
+worker, or fewer than `MIN_RESULTS_PER_PROCESS` detections per worker, it is
+that one COCOeval, on the calling thread.
+"""
+
+import concurrent.futures
+import contextlib
+import datetime
+import io
+import multiprocessing
+
+import numpy as np
+from pycocotools import coco as coco_api
+from pycocotools import cocoeval
+
+from official_shapemask.evaluation import coco_utils
+
+# Below this many detections per process, starting processes costs more than
+# it saves.
+MIN_RESULTS_PER_PROCESS = 20_000
+
+
+class AccumulatedEval:
+  """`params` and `eval` of an accumulated COCOeval (what the metrics read)."""
+
+  def __init__(self, params, eval_dict):
+    self.params = params
+    self.eval = eval_dict
+
+
+def _pycocotools(coco_gt, results, image_ids, iou_type, cat_ids=None):
+  coco_dt = coco_utils.load_results(coco_gt, results)
+  coco_eval = cocoeval.COCOeval(coco_gt, coco_dt, iouType=iou_type)
+  coco_eval.params.imgIds = list(image_ids)
+  if cat_ids is not None:
+    coco_eval.params.catIds = list(cat_ids)
+  with coco_utils.quiet():
+    coco_eval.evaluate()
+  accumulate(coco_eval)
+  return coco_eval
+
+
+def accumulate(coco_eval):
+  """`COCOeval.accumulate()` with whole-array numpy: the same `eval` arrays.
+
+  pycocotools' accumulate walks every image in Python once per category,
+  area range and detection limit, and takes the precision envelope one
+  detection at a time; at COCO scale that is a third of COCOeval. Here each
+  category and area range gathers its images once (the smaller detection
+  limits select by rank within the image, keeping pycocotools' order), all
+  IoU thresholds go through one array expression (the same float
+  operations, so the same bits), and the envelope is a running maximum from
+  the right, which is what the loop computes.
+
+  Args:
+    coco_eval: `pycocotools.cocoeval.COCOeval` after `evaluate()`, with
+      `useCats` on and the parameters it was evaluated with.
+
+  Sets `coco_eval.eval` (precision, recall, scores and the rest) and returns
+  it.
+  """
+  p = coco_eval.params
+  if not p.useCats:
+    raise ValueError("accumulate needs params.useCats = 1.")
+  t_count, r_count = len(p.iouThrs), len(p.recThrs)
+  k_count, a_count = len(p.catIds), len(p.areaRng)
+  m_count, i_count = len(p.maxDets), len(p.imgIds)
+  precision = -np.ones((t_count, r_count, k_count, a_count, m_count))
+  recall = -np.ones((t_count, k_count, a_count, m_count))
+  scores = -np.ones((t_count, r_count, k_count, a_count, m_count))
+  rec_thrs = np.asarray(p.recThrs)
+  for k in range(k_count):
+    for a in range(a_count):
+      first = (k * a_count + a) * i_count
+      evals = [e for e in coco_eval.evalImgs[first:first + i_count]
+               if e is not None]
+      if not evals:
+        continue
+      gt_ignore = np.concatenate([e["gtIgnore"] for e in evals])
+      npig = np.count_nonzero(gt_ignore == 0)
+      if npig == 0:
+        continue
+      dt_scores = np.concatenate([e["dtScores"] for e in evals])
+      rank = np.concatenate([np.arange(len(e["dtScores"])) for e in evals])
+      dt_matches = np.concatenate([e["dtMatches"] for e in evals], axis=1)
+      dt_ignore = np.concatenate([e["dtIgnore"] for e in evals], axis=1)
+      for m, max_det in enumerate(p.maxDets):
+        within = rank < max_det
+        order = np.argsort(-dt_scores[within], kind="mergesort")
+        sorted_scores = dt_scores[within][order]
+        dtm = dt_matches[:, within][:, order]
+        dt_ig = dt_ignore[:, within][:, order]
+        tps = np.logical_and(dtm, np.logical_not(dt_ig))
+        fps = np.logical_and(np.logical_not(dtm), np.logical_not(dt_ig))
+        tp_sum = np.cumsum(tps, axis=1).astype(dtype=float)
+        fp_sum = np.cumsum(fps, axis=1).astype(dtype=float)
+        num = tp_sum.shape[1]
+        rc = tp_sum / npig
+        pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+        recall[:, k, a, m] = rc[:, -1] if num else 0
+        envelope = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
+        for t in range(t_count):
+          at = np.searchsorted(rc[t], rec_thrs, side="left")
+          hit = at < num
+          q = np.zeros(r_count)
+          ss = np.zeros(r_count)
+          q[hit] = envelope[t, at[hit]]
+          ss[hit] = sorted_scores[at[hit]]
+          precision[t, :, k, a, m] = q
+          scores[t, :, k, a, m] = ss
+  coco_eval.eval = {
+      "params": p, "counts": [t_count, r_count, k_count, a_count, m_count],
+      "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+      "precision": precision, "recall": recall, "scores": scores}
+  return coco_eval.eval
+
+
+def category_groups(cat_ids, weights, num_groups):
+  """Splits categories into `num_groups` groups of similar total weight.
+
+  Args:
+    cat_ids: sorted list of int category ids.
+    weights: dict id -> work estimate (ground truths + detections).
+    num_groups: int >= 1.
+
+  Returns:
+    list of sorted id lists (none empty; at most `num_groups`).
+  """
+  groups = [[] for _ in range(max(1, min(num_groups, len(cat_ids))))]
+  loads = [0] * len(groups)
+  # Heaviest first onto the lightest group; ties by id keep it deterministic.
+  for cat_id in sorted(cat_ids, key=lambda c: (-weights.get(c, 0), c)):
+    g = loads.index(min(loads))
+    groups[g].append(cat_id)
+    loads[g] += weights.get(cat_id, 0) + 1
+  return [sorted(g) for g in groups if g]
+
+
+def _evaluate_group(task):
+  """Worker: pycocotools on the categories of one group (picklable)."""
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco_gt = coco_api.COCO()
+    coco_gt.dataset = task["gt_dataset"]
+    coco_gt.createIndex()
+    coco_eval = _pycocotools(coco_gt, task["results"], task["image_ids"],
+                             task["iou_type"], task["cat_ids"])
+  return {"cat_ids": list(coco_eval.params.catIds),
+          **{k: coco_eval.eval[k] for k in ("precision", "recall", "scores")}}
+
+
+def _by_category(coco_gt, results, image_ids, iou_type, num_workers):
+  """pycocotools split by category over `num_workers` spawned processes."""
+  all_cats = sorted(coco_gt.getCatIds())
+  gt_anns = coco_gt.dataset["annotations"]
+  weights = {}
+  for item in list(gt_anns) + list(results):
+    weights[item["category_id"]] = weights.get(item["category_id"], 0) + 1
+  groups = category_groups(all_cats, weights, num_workers)
+  tasks = []
+  for group in groups:
+    members = set(group)
+    tasks.append({
+        "gt_dataset": {
+            "images": coco_gt.dataset["images"],
+            "categories": coco_gt.dataset["categories"],
+            "annotations": [a for a in gt_anns
+                            if a["category_id"] in members]},
+        "results": [r for r in results if r["category_id"] in members],
+        "image_ids": list(image_ids), "iou_type": iou_type, "cat_ids": group,
+    })
+  # spawn, not fork: the caller may be running TensorFlow threads.
+  with concurrent.futures.ProcessPoolExecutor(
+      max_workers=len(tasks),
+      mp_context=multiprocessing.get_context("spawn")) as pool:
+    parts = list(pool.map(_evaluate_group, tasks))
+
+  params = cocoeval.Params(iouType=iou_type)
+  params.imgIds = sorted(set(image_ids))
+  params.catIds = all_cats
+  t, r = len(params.iouThrs), len(params.recThrs)
+  a, m = len(params.areaRng), len(params.maxDets)
+  merged = {"precision": -np.ones([t, r, len(all_cats), a, m]),
+            "recall": -np.ones([t, len(all_cats), a, m]),
+            "scores": -np.ones([t, r, len(all_cats), a, m])}
+  column = {c: k for k, c in enumerate(all_cats)}
+  for part in parts:
+    ks = [column[c] for c in part["cat_ids"]]
+    merged["precision"][:, :, ks] = part["precision"]
+    merged["recall"][:, ks] = part["recall"]
+    merged["scores"][:, :, ks] = part["scores"]
+  return AccumulatedEval(params, merged)
+
+
+def workers_for(num_results, num_workers):
+  """How many processes a COCOeval of `num_results` detections uses."""
+  if not num_workers or num_workers <= 1:
+    return 1
+  return int(max(1, min(num_workers, num_results // MIN_RESULTS_PER_PROCESS)))
+
+
+def evaluate(coco_gt, results, image_ids, iou_type, num_workers=1):
+  """Evaluates and accumulates one iou type (see the module docstring).
+
+  Args:
+    coco_gt: `pycocotools.coco.COCO` ground truth.
+    results: list of COCO result dicts; loading them adds keys (area, id)
+      to the dicts, so pass dicts of your own.
+    image_ids: list of int, the evaluated images.
+    iou_type: 'bbox' or 'segm'.
+    num_workers: int, the most processes to use (one per
+      `MIN_RESULTS_PER_PROCESS` detections).
+
+  Returns:
+    an accumulated evaluation with `params` and `eval`.
+  """
+  workers = workers_for(len(results), num_workers)
+  if workers > 1 and len(coco_gt.getCatIds()) > 1:
+    return _by_category(coco_gt, results, image_ids, iou_type, workers)
+  return _pycocotools(coco_gt, results, image_ids, iou_type)
