@@ -1,7 +1,8 @@
-"""Tests of official_shapemask.evaluation.parallel_cocoeval on coco_tiny160.
+"""Tests of official_shapemask.evaluation.fast_cocoeval.
 
-The category-split evaluation and the array accumulation are checked against
-stock pycocotools COCOeval over the same detections, bit for bit.
+The matching loop, the accumulation and the category split are checked
+against stock pycocotools COCOeval over the same detections (coco_tiny160
+val, and synthetic data with many detections per image), bit for bit.
 """
 import json
 
@@ -10,7 +11,7 @@ import pytest
 from pycocotools import cocoeval
 
 from official_shapemask.evaluation import coco_utils
-from official_shapemask.evaluation import parallel_cocoeval
+from official_shapemask.evaluation import fast_cocoeval
 from official_shapemask.evaluation import COCOEvaluator
 from tools import benchmark_eval
 
@@ -40,31 +41,31 @@ def _results(job, iou_type):
 
 def _evaluate(job, iou_type, **kwargs):
   coco_gt = coco_utils.quiet_coco(annotation_file=job["annotation_file"])
-  return parallel_cocoeval.evaluate(coco_gt, _results(job, iou_type),
+  return fast_cocoeval.evaluate(coco_gt, _results(job, iou_type),
                                     job["image_ids"], iou_type, **kwargs)
 
 
 def test_category_groups_are_balanced_complete_and_deterministic():
   cat_ids = list(range(1, 11))
   weights = {1: 100, 2: 90, 3: 10, 4: 10, 5: 10, 6: 5, 7: 5, 8: 0}
-  groups = parallel_cocoeval.category_groups(cat_ids, weights, 3)
+  groups = fast_cocoeval.category_groups(cat_ids, weights, 3)
   assert sorted(c for g in groups for c in g) == cat_ids
   assert all(g == sorted(g) for g in groups) and len(groups) == 3
   # The two heavy categories alone, the light ones together.
   assert groups == [[1], [2], [3, 4, 5, 6, 7, 8, 9, 10]]
-  assert groups == parallel_cocoeval.category_groups(cat_ids, weights, 3)
-  assert parallel_cocoeval.category_groups([4, 2], {}, 8) == [[2], [4]]
-  assert parallel_cocoeval.workers_for(10**6, 1) == 1
-  assert parallel_cocoeval.workers_for(
-      3 * parallel_cocoeval.MIN_RESULTS_PER_PROCESS, 8) == 3
+  assert groups == fast_cocoeval.category_groups(cat_ids, weights, 3)
+  assert fast_cocoeval.category_groups([4, 2], {}, 8) == [[2], [4]]
+  assert fast_cocoeval.workers_for(10**6, 1) == 1
+  assert fast_cocoeval.workers_for(
+      3 * fast_cocoeval.MIN_RESULTS_PER_PROCESS, 8) == 3
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_split_by_category_is_bit_identical(job, iou_type, monkeypatch):
-  monkeypatch.setattr(parallel_cocoeval, "MIN_RESULTS_PER_PROCESS", 1)
+  monkeypatch.setattr(fast_cocoeval, "MIN_RESULTS_PER_PROCESS", 1)
   serial = _evaluate(job, iou_type, num_workers=1)
   split = _evaluate(job, iou_type, num_workers=3)
-  assert isinstance(split, parallel_cocoeval.AccumulatedEval)
+  assert isinstance(split, fast_cocoeval.AccumulatedEval)
   assert list(split.params.catIds) == list(serial.params.catIds)
   for key in ("precision", "recall", "scores"):
     np.testing.assert_array_equal(split.eval[key], serial.eval[key])
@@ -92,6 +93,58 @@ def _synthetic_job(tmp_path):
   return evaluator._make_job()  # pylint: disable=protected-access
 
 
+def _with_crowd_hits(job, coco_gt):
+  """The job's results plus detections on coco_tiny160's crowd regions."""
+  results = list(job["results"])
+  crowds = [a for a in coco_gt.dataset["annotations"] if a["iscrowd"]
+            and a["image_id"] in set(job["image_ids"])]
+  assert crowds
+  for k, ann in enumerate(crowds):
+    rle = coco_gt.annToRLE(ann)
+    results.append({"image_id": ann["image_id"],
+                    "category_id": ann["category_id"],
+                    "bbox": list(ann["bbox"]), "score": 0.5 + k / 100,
+                    "segmentation": {"size": rle["size"],
+                                     "counts": rle["counts"].decode()}})
+  return results
+
+
+@pytest.mark.parametrize("data", ["coco_tiny160", "synthetic"])
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_evaluate_image_is_pycocotools_evaluate_img(job, tmp_path, data,
+                                                    iou_type):
+  if data == "synthetic":
+    job = _synthetic_job(tmp_path)
+  coco_gt = coco_utils.quiet_coco(annotation_file=job["annotation_file"])
+  results = job["results"]
+  if data == "coco_tiny160":
+    results = _with_crowd_hits(job, coco_gt)
+  job = dict(job, results=results)
+  stock = _evaluated(coco_gt, _results(job, iou_type), job["image_ids"],
+                     iou_type)
+  ours = fast_cocoeval.evaluate(coco_gt, _results(job, iou_type),
+                                    job["image_ids"], iou_type)
+  assert len(ours.evalImgs) == len(stock.evalImgs)
+  crowd_matches = 0
+  crowd_ids = {a["id"] for a in coco_gt.dataset["annotations"]
+               if a["iscrowd"]}
+  for mine, theirs in zip(ours.evalImgs, stock.evalImgs):
+    assert (mine is None) == (theirs is None)
+    if theirs is None:
+      continue
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+      if isinstance(value, np.ndarray):
+        assert mine[key].dtype == value.dtype, key
+        assert mine[key].shape == value.shape, key
+        assert mine[key].tobytes() == value.tobytes(), key
+      else:
+        assert mine[key] == value, key
+    crowd_matches += int(np.isin(theirs["dtMatches"], list(crowd_ids)).sum())
+  if data == "coco_tiny160":
+    assert crowd_matches > 0  # The crowd rule was exercised.
+
+
 @pytest.mark.parametrize("data", ["coco_tiny160", "synthetic"])
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_accumulate_is_bit_identical_to_pycocotools(job, tmp_path, data,
@@ -104,7 +157,7 @@ def test_accumulate_is_bit_identical_to_pycocotools(job, tmp_path, data,
   with coco_utils.quiet():
     coco_eval.accumulate()
   reference = coco_eval.eval
-  ours = parallel_cocoeval.accumulate(coco_eval)
+  ours = fast_cocoeval.accumulate(coco_eval)
   for key in ("precision", "recall", "scores"):
     assert ours[key].dtype == reference[key].dtype
     assert ours[key].tobytes() == reference[key].tobytes(), key
@@ -116,7 +169,7 @@ def test_accumulate_is_bit_identical_to_pycocotools(job, tmp_path, data,
 
 def test_evaluator_metrics_identical_for_any_num_workers(
     batches, val_annotation_file, monkeypatch):
-  monkeypatch.setattr(parallel_cocoeval, "MIN_RESULTS_PER_PROCESS", 1)
+  monkeypatch.setattr(fast_cocoeval, "MIN_RESULTS_PER_PROCESS", 1)
   outputs = []
   for num_workers in (1, 3):
     evaluator = COCOEvaluator(annotation_file=val_annotation_file,
