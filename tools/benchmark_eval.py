@@ -23,8 +23,10 @@ image, RLE-encoded from there, COCOeval on one process with pycocotools) on
 the same data, checks that the RLEs are identical and the metrics equal, and
 reports both.
 
-Prints a table and one JSON line. Example (the measurement of
-docs/benchmarks.md):
+Reports wall seconds and CPU seconds (this process and its worker
+processes; on a busy machine the CPU seconds say more about the work than
+the wall time does). Prints a table and one JSON line. Example (the
+measurement of docs/benchmarks.md):
 
   python tools/benchmark_eval.py --num_images=500 --baseline
 """
@@ -35,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -192,12 +195,21 @@ def _old_paste_and_encode(masks, outer_boxes_yxyx, image_height,
       masks, outer_boxes_yxyx, image_height, image_width))
 
 
+def _cpu_seconds():
+  """CPU time of this process and its finished child processes."""
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return (own.ru_utime + own.ru_stime + children.ru_utime +
+          children.ru_stime)
+
+
 def run_evaluation(groundtruth, annotation_file, args, num_workers,
                    old_paste=False):
   """Feeds the synthetic batches to a COCOEvaluator; times each stage.
 
   Returns:
-    (stage seconds dict, metrics dict, list of COCO results).
+    (stage seconds dict, stage CPU seconds dict, metrics dict, list of COCO
+    results).
   """
   # pylint: disable=g-import-not-at-top
   from unittest import mock
@@ -208,24 +220,29 @@ def run_evaluation(groundtruth, annotation_file, args, num_workers,
   patch = (mock.patch.object(mask_paste, "paste_and_encode",
                              _old_paste_and_encode) if old_paste
            else contextlib.nullcontext())
-  paste_seconds = 0.0
+  paste_seconds = paste_cpu = 0.0
   with patch:
     for predictions, groundtruths in synthetic_batches(
         groundtruth, args.detections_per_image, args.mask_size,
         args.batch_size, args.seed):
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), _cpu_seconds()
       evaluator.update(predictions, groundtruths)
       paste_seconds += time.perf_counter() - start
-    start = time.perf_counter()
+      paste_cpu += _cpu_seconds() - cpu
+    start, cpu = time.perf_counter(), _cpu_seconds()
     evaluator.finish_updates()
     paste_seconds += time.perf_counter() - start
+    paste_cpu += _cpu_seconds() - cpu
   results = evaluator._make_job()["results"]  # pylint: disable=protected-access
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _cpu_seconds()
   metrics = evaluator.evaluate()
   cocoeval_seconds = time.perf_counter() - start
+  cocoeval_cpu = _cpu_seconds() - cpu
   evaluator.close()
   return ({"paste_encode": paste_seconds, "cocoeval": cocoeval_seconds,
-           "total": paste_seconds + cocoeval_seconds}, metrics, results)
+           "total": paste_seconds + cocoeval_seconds},
+          {"paste_encode": paste_cpu, "cocoeval": cocoeval_cpu,
+           "total": paste_cpu + cocoeval_cpu}, metrics, results)
 
 
 def time_faster_coco_eval(annotation_file, results, image_ids):
@@ -308,21 +325,24 @@ def main(argv=None):
     annotation_file = os.path.join(tmp, "instances_synthetic.json")
     with open(annotation_file, "w") as f:
       json.dump(groundtruth, f)
-    seconds, metrics, results = run_evaluation(groundtruth, annotation_file,
-                                               args, args.num_workers)
+    seconds, cpu, metrics, results = run_evaluation(
+        groundtruth, annotation_file, args, args.num_workers)
     summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    summary["cpu_seconds"] = {k: round(v, 2) for k, v in cpu.items()}
     summary["mask_AP"], summary["box_AP"] = metrics["mask_AP"], metrics["AP"]
-    rows = [("this code", seconds)]
+    rows = [("this code", seconds, cpu)]
     if args.baseline:
-      old_seconds, old_metrics, old_results = run_evaluation(
+      old_seconds, old_cpu, old_metrics, old_results = run_evaluation(
           groundtruth, annotation_file, args, 1, old_paste=True)
       summary["baseline_seconds"] = {k: round(v, 2)
                                      for k, v in old_seconds.items()}
+      summary["baseline_cpu_seconds"] = {k: round(v, 2)
+                                         for k, v in old_cpu.items()}
       summary["identical_rles"] = old_results == results
       summary["identical_metrics"] = all(
           old_metrics[k] == metrics[k] for k in metrics
           if k != "eval_seconds")
-      rows.append(("previous (1 process)", old_seconds))
+      rows.append(("previous (1 process)", old_seconds, old_cpu))
     if args.faster_coco_eval:
       faster_seconds, numbers = time_faster_coco_eval(
           annotation_file, results, [im["id"] for im in groundtruth["images"]])
@@ -342,13 +362,17 @@ def main(argv=None):
         f"{args.mask_size} masks), {summary['gt_per_image']} ground truths "
         f"per image; mask AP {metrics['mask_AP']:.3f}, box AP "
         f"{metrics['AP']:.3f}")
-  print(f"{'path':<22}{'paste+encode s':>16}{'ms/image':>10}"
-        f"{'COCOeval s':>12}{'total s':>10}{'5,000 images':>14}")
-  for name, stage in rows:
-    print(f"{name:<22}{stage['paste_encode']:>16.2f}"
+  print("seconds (wall), with CPU seconds (all processes) in brackets; the "
+        "last column scales the total to 5,000 images")
+  print(f"{'path':<22}{'paste+encode':>18}{'ms/image':>10}"
+        f"{'COCOeval':>18}{'total':>18}{'5,000 images':>14}")
+  for name, stage, used in rows:
+    print(f"{name:<22}"
+          f"{stage['paste_encode']:>9.2f} ({used['paste_encode']:>6.2f})"
           f"{stage['paste_encode'] * per_image:>10.1f}"
-          f"{stage['cocoeval']:>12.2f}{stage['total']:>10.2f}"
-          f"{stage['total'] * 5000 / args.num_images / 60:>11.1f} min")
+          f"{stage['cocoeval']:>9.2f} ({used['cocoeval']:>6.2f})"
+          f"{stage['total']:>9.2f} ({used['total']:>6.2f})"
+          f"{stage['total'] * 5000 / args.num_images / 60:>10.1f} min")
   if args.baseline:
     print(f"identical RLEs: {summary['identical_rles']}, identical metrics: "
           f"{summary['identical_metrics']}")

@@ -52,6 +52,7 @@ def test_cli_reports_stages_and_identical_baseline():
     # Rounded to 0.01 s each.
     assert abs(stages["total"] - stages["paste_encode"] -
                stages["cocoeval"]) <= 0.011
+  assert summary["cpu_seconds"]["cocoeval"] > 0
   assert 0.0 < summary["mask_AP"] < 1.0 and 0.0 < summary["box_AP"] < 1.0
   assert "this code" in proc.stdout and "previous (1 process)" in proc.stdout
   bad = subprocess.run(
