@@ -233,7 +233,7 @@ def run_evaluation(groundtruth, annotation_file, args, num_workers,
     evaluator.finish_updates()
     paste_seconds += time.perf_counter() - start
     paste_cpu += _cpu_seconds() - cpu
-  results = evaluator._make_job()["results"]  # pylint: disable=protected-access
+  results = evaluator.coco_results()
   start, cpu = time.perf_counter(), _cpu_seconds()
   metrics = evaluator.evaluate()
   cocoeval_seconds = time.perf_counter() - start

@@ -442,6 +442,11 @@ class COCOEvaluator:
       self._results.extend(item.result() if isinstance(
           item, concurrent.futures.Future) else item)
 
+  def coco_results(self):
+    """The COCO result dicts of every image so far (bbox, score, RLE)."""
+    self.finish_updates()
+    return list(self._results)
+
   def _make_job(self):
     self.finish_updates()
     if not self._image_ids:
