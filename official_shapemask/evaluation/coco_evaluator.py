@@ -171,16 +171,15 @@ def run_coco_eval(job):
   # Each detection once as bbox result; COCO's loadRes adds keys in place.
   box_results = [{k: v for k, v in r.items() if k != "segmentation"}
                  for r in results]
-  workers = job.get("num_workers", 1)
-  box_eval = fast_cocoeval.evaluate(coco_gt, box_results,
-                                        job["image_ids"], "bbox", workers)
-  evals = {"": box_eval}
-  if job["include_mask"]:
-    mask_results = [{k: v for k, v in r.items() if k != "bbox"}
-                    for r in results]
-    evals["mask_"] = fast_cocoeval.evaluate(coco_gt, mask_results,
-                                                job["image_ids"], "segm",
-                                                workers)
+  with fast_cocoeval.WorkerPool.for_results(
+      len(results), job.get("num_workers", 1)) as pool:
+    evals = {"": fast_cocoeval.evaluate(coco_gt, box_results,
+                                        job["image_ids"], "bbox", pool)}
+    if job["include_mask"]:
+      mask_results = [{k: v for k, v in r.items() if k != "bbox"}
+                      for r in results]
+      evals["mask_"] = fast_cocoeval.evaluate(coco_gt, mask_results,
+                                              job["image_ids"], "segm", pool)
 
   for prefix, coco_eval in evals.items():
     for name, value in zip(METRIC_NAMES, summarize_stats(coco_eval)):
@@ -254,9 +253,9 @@ class COCOEvaluator:
       names are used otherwise).
     num_workers: int or None (default: every available core). Threads that
       paste and encode masks while `update`'s caller goes on (at most 8),
-      and processes that the pycocotools COCOeval is split over (by
-      category, one per 20,000 detections at most). 1: everything on the
-      calling thread. Any value gives the same results.
+      and processes that COCOeval is split over (by category, one per
+      50,000 detections at most). 1: everything on the calling thread.
+      Any value gives the same results.
   """
 
   def __init__(self,

@@ -1,6 +1,6 @@
 """COCOeval of one iou type: pycocotools' numbers, bit for bit, sooner.
 
-`evaluate(coco_gt, results, image_ids, iou_type, num_workers)` returns an
+`evaluate(coco_gt, results, image_ids, iou_type, pool)` returns an
 object with the two attributes the metric code reads from an accumulated
 `pycocotools.cocoeval.COCOeval`: `params` (`catIds`, `iouThrs`, `areaRngLbl`,
 `maxDets`, ...) and `eval` (`precision` [T, R, K, A, M], `recall`
@@ -10,17 +10,18 @@ Three changes to stock pycocotools, none to its arithmetic (tests compare
 every array byte for byte with stock COCOeval):
 
 * `evaluate_image`: its per-image greedy matching on Python lists instead
-  of element-wise numpy access (pycocotools' own preparation, IoUs and
-  loops around it);
+  of element-wise numpy access, once per distinct set of ground-truth
+  ignore flags rather than once per area range (pycocotools' own
+  preparation, IoUs and loops around it);
 * `accumulate`: its precision/recall accumulation with whole-array numpy;
 * split by category: COCOeval treats every category on its own (matching
   per image and category, accumulation per category), so for large
   evaluations the categories are split into groups of similar work, each
   group is evaluated in a spawned worker process with the ground truth and
   the detections of its categories (in their original order), and the
-  per-category arrays are put back together. With one worker, or fewer
-  than `MIN_RESULTS_PER_PROCESS` detections per worker, everything runs on
-  the calling thread.
+  per-category arrays are put back together (`WorkerPool`: one process per
+  `MIN_RESULTS_PER_PROCESS` detections; smaller evaluations run on the
+  calling thread).
 """
 
 import concurrent.futures
@@ -38,7 +39,7 @@ from official_shapemask.evaluation import coco_utils
 
 # Below this many detections per process, starting processes costs more than
 # it saves.
-MIN_RESULTS_PER_PROCESS = 20_000
+MIN_RESULTS_PER_PROCESS = 50_000
 
 
 class AccumulatedEval:
@@ -57,21 +58,90 @@ def _pycocotools(coco_gt, results, image_ids, iou_type, cat_ids=None):
     coco_eval.params.catIds = list(cat_ids)
   # pycocotools' evaluate() (preparation, IoUs, the loop over images,
   # categories and areas) calls this instance's evaluateImg.
-  coco_eval.evaluateImg = functools.partial(evaluate_image, coco_eval)
+  coco_eval.evaluateImg = functools.partial(evaluate_image, coco_eval,
+                                            cache={})
   with coco_utils.quiet():
     coco_eval.evaluate()
   accumulate(coco_eval)
   return coco_eval
 
 
-def evaluate_image(coco_eval, img_id, cat_id, area_rng, max_det):
+def _prepared_pair(coco_eval, img_id, cat_id, gts, dts, max_det):
+  """What the matching of one image and category needs, for every area."""
+  # Stable sort by falling score: numpy's mergesort order.
+  order = sorted(range(len(dts)), key=lambda i: -dts[i]["score"])[:max_det]
+  dts = [dts[i] for i in order]
+  ious = coco_eval.ious[img_id, cat_id]
+  return {
+      "dts": dts,
+      "dt_ids": [d["id"] for d in dts],
+      "dt_scores": [d["score"] for d in dts],
+      # As Python floats: the same comparisons as with numpy's scalars
+      # (segm areas are uint32), without their cost.
+      "dt_areas": [float(d["area"]) for d in dts],
+      # Rows: detections by score (as computeIoU keeps them); columns:
+      # ground truths in their stored order.
+      "rows": ious.tolist() if len(ious) else None,
+      "gt_ids": [g["id"] for g in gts],
+      "crowd": [int(g["iscrowd"]) for g in gts],
+      "matches": {},
+  }
+
+
+def _greedy_matches(pair, ignored, thresholds):
+  """pycocotools' greedy matching for one set of ground-truth ignore flags.
+
+  Returns:
+    (gt_order, dt_matches [T][D] gt ids, dt_ignore [T][D] 0/1, gt_matches
+    [T][G] dt ids in gt_order).
+  """
+  num_g, num_d = len(ignored), len(pair["dts"])
+  # Ground truths in use first, ignored ones last (stable, like mergesort).
+  gt_order = sorted(range(num_g), key=lambda i: ignored[i])
+  dt_matches = [[0] * num_d for _ in thresholds]
+  dt_ignore = [[0] * num_d for _ in thresholds]
+  gt_matches = [[0] * num_g for _ in thresholds]
+  rows, crowd, gt_ids = pair["rows"], pair["crowd"], pair["gt_ids"]
+  dt_ids = pair["dt_ids"]
+  if rows is not None:
+    for t_index, threshold in enumerate(thresholds):
+      taken = [0] * num_g  # By stored index: the id of the matched dt.
+      dt_taken, dt_ig = dt_matches[t_index], dt_ignore[t_index]
+      start = min([threshold, 1 - 1e-10])
+      for d_index in range(num_d):
+        row = rows[d_index]
+        best, match = start, -1
+        for g in gt_order:
+          # A matched ground truth is taken, unless it is a crowd region.
+          if taken[g] > 0 and not crowd[g]:
+            continue
+          # Matched to one in use: the ignored ones that follow do not count.
+          if match > -1 and ignored[match] == 0 and ignored[g] == 1:
+            break
+          if row[g] < best:
+            continue
+          best, match = row[g], g
+        if match == -1:
+          continue
+        dt_ig[d_index] = ignored[match]
+        dt_taken[d_index] = gt_ids[match]
+        taken[match] = dt_ids[d_index]
+      gt_matches[t_index] = [taken[g] for g in gt_order]
+  return gt_order, dt_matches, dt_ignore, gt_matches
+
+
+def evaluate_image(coco_eval, img_id, cat_id, area_rng, max_det, cache=None):
   """`COCOeval.evaluateImg` on Python lists: the same matches, sooner.
 
   pycocotools reads and writes numpy arrays one element at a time in its
-  greedy matching loop (and calls `min` for every detection and threshold);
-  at COCO scale that loop is two thirds of COCOeval. This runs the same
-  loop, in the same order, with the same comparisons of the same float64
-  values, on lists, and builds the arrays once at the end.
+  greedy matching loop, and sorts and matches again for each of the four
+  area ranges; at COCO scale that is most of COCOeval. This runs the same
+  loop, visiting detections and ground truths in the same order with the
+  same comparisons of the same float64 values, on lists. With a `cache`
+  (a dict, shared by the calls of one evaluate()), the score order of an
+  image's detections is computed once, and the matching once per distinct
+  set of ground-truth ignore flags (it depends on nothing else; the 'all'
+  range and the range a ground truth falls in often share it).
 
   Args:
     coco_eval: `COCOeval` whose `evaluate()` is running (its `_gts`, `_dts`,
@@ -79,6 +149,7 @@ def evaluate_image(coco_eval, img_id, cat_id, area_rng, max_det):
     img_id, cat_id: the image and category.
     area_rng: [min, max] object area of the range.
     max_det: the most detections kept (highest scores).
+    cache: optional dict for the work shared between area ranges.
 
   Returns:
     pycocotools' per-image dict (dtMatches, dtIgnore, gtIgnore, dtScores,
@@ -90,63 +161,38 @@ def evaluate_image(coco_eval, img_id, cat_id, area_rng, max_det):
   dts = coco_eval._dts[img_id, cat_id]
   if not gts and not dts:
     return None
+  key = (img_id, cat_id, max_det)
+  pair = cache.get(key) if cache is not None else None
+  if pair is None:
+    pair = _prepared_pair(coco_eval, img_id, cat_id, gts, dts, max_det)
+    if cache is not None:
+      cache[key] = pair
   low, high = area_rng
-  ignored = [1 if (g["ignore"] or g["area"] < low or g["area"] > high) else 0
-             for g in gts]
-  # Ground truths in use first, ignored ones last; detections by score.
-  gt_order = np.argsort(ignored, kind="mergesort")
-  gts = [gts[i] for i in gt_order]
-  gt_ignore = [ignored[i] for i in gt_order]
-  dt_order = np.argsort([-d["score"] for d in dts], kind="mergesort")
-  dts = [dts[i] for i in dt_order[0:max_det]]
-  crowd = [int(g["iscrowd"]) for g in gts]
-  gt_ids = [g["id"] for g in gts]
-  dt_ids = [d["id"] for d in dts]
+  ignored = tuple(1 if (g["ignore"] or g["area"] < low or g["area"] > high)
+                  else 0 for g in gts)
   thresholds = coco_eval.params.iouThrs
-  num_t, num_g, num_d = len(thresholds), len(gts), len(dts)
-  gt_matches = [[0] * num_g for _ in range(num_t)]
-  dt_matches = [[0] * num_d for _ in range(num_t)]
-  dt_ignore = [[0] * num_d for _ in range(num_t)]
-  ious = coco_eval.ious[img_id, cat_id]
-  if len(ious):
-    rows = ious[:, gt_order].tolist()
-    for t_index, threshold in enumerate(thresholds):
-      gt_taken = gt_matches[t_index]
-      dt_taken = dt_matches[t_index]
-      dt_ig = dt_ignore[t_index]
-      start = min([threshold, 1 - 1e-10])
-      for d_index in range(num_d):
-        row = rows[d_index]
-        best, match = start, -1
-        for g_index in range(num_g):
-          # A matched ground truth is taken, unless it is a crowd region.
-          if gt_taken[g_index] > 0 and not crowd[g_index]:
-            continue
-          # Matched to one in use: the ignored ones that follow do not count.
-          if match > -1 and gt_ignore[match] == 0 and gt_ignore[g_index] == 1:
-            break
-          if row[g_index] < best:
-            continue
-          best, match = row[g_index], g_index
-        if match == -1:
-          continue
-        dt_ig[d_index] = gt_ignore[match]
-        dt_taken[d_index] = gt_ids[match]
-        gt_taken[match] = dt_ids[d_index]
+  matched = pair["matches"].get(ignored)
+  if matched is None:
+    matched = _greedy_matches(pair, ignored, thresholds)
+    pair["matches"][ignored] = matched
+  gt_order, dt_matches, dt_ignore, gt_matches = matched
+  num_t, num_g, num_d = len(thresholds), len(gt_order), len(pair["dts"])
   dt_matches = np.array(dt_matches, dtype=float).reshape(num_t, num_d)
   dt_ignore = np.array(dt_ignore, dtype=float).reshape(num_t, num_d)
   # Unmatched detections outside the area range are ignored.
-  outside = np.array([d["area"] < low or d["area"] > high
-                      for d in dts]).reshape((1, num_d))
+  outside = np.array([a < low or a > high for a in pair["dt_areas"]]
+                    ).reshape((1, num_d))
   dt_ignore = np.logical_or(dt_ignore, np.logical_and(
       dt_matches == 0, np.repeat(outside, num_t, 0)))
   return {
       "image_id": img_id, "category_id": cat_id, "aRng": area_rng,
-      "maxDet": max_det, "dtIds": dt_ids, "gtIds": gt_ids,
+      "maxDet": max_det, "dtIds": list(pair["dt_ids"]),
+      "gtIds": [pair["gt_ids"][g] for g in gt_order],
       "dtMatches": dt_matches,
       "gtMatches": np.array(gt_matches, dtype=float).reshape(num_t, num_g),
-      "dtScores": [d["score"] for d in dts],
-      "gtIgnore": np.array(gt_ignore), "dtIgnore": dt_ignore,
+      "dtScores": list(pair["dt_scores"]),
+      "gtIgnore": np.array([ignored[g] for g in gt_order]),
+      "dtIgnore": dt_ignore,
   }
 
 
@@ -258,14 +304,48 @@ def _evaluate_group(task):
           **{k: coco_eval.eval[k] for k in ("precision", "recall", "scores")}}
 
 
-def _by_category(coco_gt, results, image_ids, iou_type, num_workers):
-  """pycocotools split by category over `num_workers` spawned processes."""
+class WorkerPool:
+  """Spawned worker processes for `evaluate`, shared by its calls.
+
+  Use as a context manager; the processes start on the first evaluation
+  that needs them (spawn, not fork: the caller may be running TensorFlow
+  threads) and stop on exit. `size` 1 is no pool at all.
+  """
+
+  def __init__(self, size):
+    self.size = max(1, int(size))
+    self._executor = None
+
+  @classmethod
+  def for_results(cls, num_results, num_workers):
+    """A pool of one process per `MIN_RESULTS_PER_PROCESS` detections, at
+    most `num_workers` (starting a process costs about a second of CPU)."""
+    return cls(workers_for(num_results, num_workers))
+
+  def map(self, fn, tasks):
+    if self._executor is None:
+      self._executor = concurrent.futures.ProcessPoolExecutor(
+          max_workers=self.size,
+          mp_context=multiprocessing.get_context("spawn"))
+    return list(self._executor.map(fn, tasks))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self._executor is not None:
+      self._executor.shutdown(wait=True)
+      self._executor = None
+
+
+def _by_category(coco_gt, results, image_ids, iou_type, pool):
+  """pycocotools split by category over the processes of `pool`."""
   all_cats = sorted(coco_gt.getCatIds())
   gt_anns = coco_gt.dataset["annotations"]
   weights = {}
   for item in list(gt_anns) + list(results):
     weights[item["category_id"]] = weights.get(item["category_id"], 0) + 1
-  groups = category_groups(all_cats, weights, num_workers)
+  groups = category_groups(all_cats, weights, pool.size)
   tasks = []
   for group in groups:
     members = set(group)
@@ -278,11 +358,7 @@ def _by_category(coco_gt, results, image_ids, iou_type, num_workers):
         "results": [r for r in results if r["category_id"] in members],
         "image_ids": list(image_ids), "iou_type": iou_type, "cat_ids": group,
     })
-  # spawn, not fork: the caller may be running TensorFlow threads.
-  with concurrent.futures.ProcessPoolExecutor(
-      max_workers=len(tasks),
-      mp_context=multiprocessing.get_context("spawn")) as pool:
-    parts = list(pool.map(_evaluate_group, tasks))
+  parts = pool.map(_evaluate_group, tasks)
 
   params = cocoeval.Params(iouType=iou_type)
   params.imgIds = sorted(set(image_ids))
@@ -308,7 +384,7 @@ def workers_for(num_results, num_workers):
   return int(max(1, min(num_workers, num_results // MIN_RESULTS_PER_PROCESS)))
 
 
-def evaluate(coco_gt, results, image_ids, iou_type, num_workers=1):
+def evaluate(coco_gt, results, image_ids, iou_type, pool=None):
   """Evaluates and accumulates one iou type (see the module docstring).
 
   Args:
@@ -317,13 +393,12 @@ def evaluate(coco_gt, results, image_ids, iou_type, num_workers=1):
       to the dicts, so pass dicts of your own.
     image_ids: list of int, the evaluated images.
     iou_type: 'bbox' or 'segm'.
-    num_workers: int, the most processes to use (one per
-      `MIN_RESULTS_PER_PROCESS` detections).
+    pool: optional `WorkerPool`; with more than one process, the
+      categories are split over them.
 
   Returns:
     an accumulated evaluation with `params` and `eval`.
   """
-  workers = workers_for(len(results), num_workers)
-  if workers > 1 and len(coco_gt.getCatIds()) > 1:
-    return _by_category(coco_gt, results, image_ids, iou_type, workers)
+  if pool is not None and pool.size > 1 and len(coco_gt.getCatIds()) > 1:
+    return _by_category(coco_gt, results, image_ids, iou_type, pool)
   return _pycocotools(coco_gt, results, image_ids, iou_type)

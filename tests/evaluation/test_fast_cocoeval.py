@@ -42,7 +42,7 @@ def _results(job, iou_type):
 def _evaluate(job, iou_type, **kwargs):
   coco_gt = coco_utils.quiet_coco(annotation_file=job["annotation_file"])
   return fast_cocoeval.evaluate(coco_gt, _results(job, iou_type),
-                                    job["image_ids"], iou_type, **kwargs)
+                                job["image_ids"], iou_type, **kwargs)
 
 
 def test_category_groups_are_balanced_complete_and_deterministic():
@@ -55,16 +55,18 @@ def test_category_groups_are_balanced_complete_and_deterministic():
   assert groups == [[1], [2], [3, 4, 5, 6, 7, 8, 9, 10]]
   assert groups == fast_cocoeval.category_groups(cat_ids, weights, 3)
   assert fast_cocoeval.category_groups([4, 2], {}, 8) == [[2], [4]]
-  assert fast_cocoeval.workers_for(10**6, 1) == 1
-  assert fast_cocoeval.workers_for(
-      3 * fast_cocoeval.MIN_RESULTS_PER_PROCESS, 8) == 3
+  per_process = fast_cocoeval.MIN_RESULTS_PER_PROCESS
+  assert fast_cocoeval.workers_for(10**7, 1) == 1
+  assert fast_cocoeval.workers_for(3 * per_process, 8) == 3
+  assert fast_cocoeval.workers_for(per_process - 1, 8) == 1
+  assert fast_cocoeval.WorkerPool.for_results(10**7, 2).size == 2
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
-def test_split_by_category_is_bit_identical(job, iou_type, monkeypatch):
-  monkeypatch.setattr(fast_cocoeval, "MIN_RESULTS_PER_PROCESS", 1)
-  serial = _evaluate(job, iou_type, num_workers=1)
-  split = _evaluate(job, iou_type, num_workers=3)
+def test_split_by_category_is_bit_identical(job, iou_type):
+  serial = _evaluate(job, iou_type)
+  with fast_cocoeval.WorkerPool(3) as pool:
+    split = _evaluate(job, iou_type, pool=pool)
   assert isinstance(split, fast_cocoeval.AccumulatedEval)
   assert list(split.params.catIds) == list(serial.params.catIds)
   for key in ("precision", "recall", "scores"):
@@ -123,7 +125,7 @@ def test_evaluate_image_is_pycocotools_evaluate_img(job, tmp_path, data,
   stock = _evaluated(coco_gt, _results(job, iou_type), job["image_ids"],
                      iou_type)
   ours = fast_cocoeval.evaluate(coco_gt, _results(job, iou_type),
-                                    job["image_ids"], iou_type)
+                                job["image_ids"], iou_type)
   assert len(ours.evalImgs) == len(stock.evalImgs)
   crowd_matches = 0
   crowd_ids = {a["id"] for a in coco_gt.dataset["annotations"]

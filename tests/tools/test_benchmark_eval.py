@@ -48,13 +48,13 @@ def test_cli_reports_stages_and_identical_baseline():
   assert summary["identical_rles"] and summary["identical_metrics"]
   for key in ("seconds", "baseline_seconds"):
     stages = summary[key]
-    assert stages["paste_encode"] > 0 and stages["cocoeval"] > 0
+    assert stages["paste_encode"] >= 0 and stages["cocoeval"] > 0
     # Rounded to 0.01 s each.
     assert abs(stages["total"] - stages["paste_encode"] -
                stages["cocoeval"]) <= 0.011
   assert summary["cpu_seconds"]["cocoeval"] > 0
   assert 0.0 < summary["mask_AP"] < 1.0 and 0.0 < summary["box_AP"] < 1.0
-  assert "this code" in proc.stdout and "previous (1 process)" in proc.stdout
+  assert "this code" in proc.stdout and "previous" in proc.stdout
   bad = subprocess.run(
       [sys.executable, "tools/benchmark_eval.py", "--num_images=0"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
