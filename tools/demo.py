@@ -7,7 +7,8 @@ Steps, each with the project's own command-line tools:
 3. compute class shape priors by k-means (tools/generate_shape_priors.py);
 4. train a small ShapeMask and evaluate it (train.py, gin/demo.gin);
 5. export a SavedModel (tools/export_saved_model.py);
-6. run it on a few val images and draw the masks (tools/predict.py).
+6. run it on a few val images and draw the masks (tools/predict.py), and
+   tile the drawings into one picture (contact_sheet.png).
 
 Everything goes under --output_dir; the last line reads
 `mask_AP=<value> box_AP=<value> minutes=<value>`.
@@ -27,6 +28,9 @@ from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_out",
                                   "where the data, run and pictures go")
@@ -44,11 +48,31 @@ _FRESH = flags.DEFINE_bool(
 def _run(title, args):
   """Runs one tool, streaming its output; stops the demo if it fails."""
   print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
   proc = subprocess.run([sys.executable] + args, cwd=REPO, env=env,
                         check=False)
   if proc.returncode:
     raise SystemExit(f"demo: step '{title}' failed (exit {proc.returncode})")
+
+
+def write_contact_sheet(paths, sheet_path, columns=3):
+  """Tiles the overlay PNGs `paths` into one PNG at `sheet_path`."""
+  # pylint: disable=g-import-not-at-top
+  import cv2
+  from official_shapemask.serving import visualize
+  images = []
+  for path in paths:
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+      raise SystemExit(f"demo: cannot read the overlay {path}")
+    images.append(image[:, :, ::-1])
+  sheet = visualize.contact_sheet(
+      images, columns=columns, titles=[os.path.basename(p) for p in paths])
+  tmp_path = sheet_path + ".tmp.png"
+  if not cv2.imwrite(tmp_path, sheet[:, :, ::-1]):
+    raise SystemExit(f"demo: cannot write {tmp_path}")
+  os.replace(tmp_path, sheet_path)
+  return sheet_path
 
 
 def main(argv):
@@ -104,7 +128,9 @@ def main(argv):
                   "--overwrite"])  # The demo's own output: rebuilt each run.
   val_images = sorted(glob.glob(os.path.join(data, "val", "*.png")))
   sample = os.path.join(out, "predict_inputs")
-  os.makedirs(sample, exist_ok=True)
+  if os.path.isdir(sample):  # The demo's own folder: a previous run's inputs.
+    shutil.rmtree(sample)
+  os.makedirs(sample)
   for path in val_images[:_NUM_PREDICT.value]:
     shutil.copy(path, sample)
   _run("6/6 predictions with overlays", [
@@ -112,6 +138,11 @@ def main(argv):
       f"--images={sample}/*.png", f"--output_dir={pictures}",
       f"--label_map={records}/train_label_map.json"
   ])
+
+  sheet = write_contact_sheet(
+      [os.path.join(pictures, os.path.splitext(os.path.basename(p))[0] +
+                    ".png") for p in val_images[:_NUM_PREDICT.value]],
+      os.path.join(out, "contact_sheet.png"))
 
   minutes = (time.time() - start) / 60
   print(f"\nDemo outputs under {out}:\n"
@@ -121,10 +152,13 @@ def main(argv):
         f"--logdir {run_dir})\n"
         f"  COCO metrics         {evals[-1]}\n"
         f"  SavedModel           {export_dir}\n"
-        f"  overlays             {pictures}")
+        f"  overlays             {pictures}\n"
+        f"  contact sheet        {sheet}")
   print(f"mask_AP={metrics['mask_AP']:.3f} box_AP={metrics['AP']:.3f} "
         f"minutes={minutes:.1f}")
 
 
 if __name__ == "__main__":
+  # One stderr filter for every step (the tools see it and add none).
+  quiet_logs.install()
   app.run(main)

@@ -15,7 +15,9 @@ or straight from a training checkpoint (same gin as the training run):
 Writes, in --output_dir:
   <image name without extension>.png: the image with the detections scoring
     >= --score_threshold drawn: masks (pasted with the outer boxes, > 0.5),
-    boxes, and `class name: score` tags;
+    boxes, and `class name: score` tags; an image whose short side is below
+    --min_short_side is drawn enlarged by an integer factor (masks by pixel
+    replication), so the tags stay legible;
   coco_results.json: COCO results of every valid detection (all scores, as
     COCO evaluation expects): image_id, category_id, bbox [x, y, w, h] in
     original-image pixels, score, segmentation (compressed RLE);
@@ -46,7 +48,7 @@ from absl import logging
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 
@@ -74,6 +76,9 @@ def _define_flags():
       'results JSON keeps every valid detection).')
   flags.DEFINE_string('label_map', None,
                       'category id -> name JSON (see --help).')
+  flags.DEFINE_integer(
+      'min_short_side', 480, 'draw smaller images enlarged by an integer '
+      'factor until their short side is at least this (0: original size).')
   flags.DEFINE_integer(
       'batch_size', 1, 'images per model call with --checkpoint (a '
       'SavedModel uses its exported batch size).')
@@ -177,7 +182,7 @@ def _load_predictor():
 
 
 def run(paths, predictor, output_dir, score_threshold, label_map,
-        print_fn=print):
+        print_fn=print, min_short_side=480):
   """Predicts every image; writes the PNGs and the JSON files."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from official_shapemask.serving import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
@@ -201,7 +206,8 @@ def run(paths, predictor, output_dir, score_threshold, label_map,
       overlay = visualize.draw_detections(
           decoded[j][1], detections['boxes'][shown],
           detections['classes'][shown], detections['scores'][shown],
-          detections['masks'][shown], label_map=label_map)
+          detections['masks'][shown], label_map=label_map,
+          min_short_side=min_short_side)
       out_path = os.path.join(output_dir, names[i])
       write_png(out_path, overlay)
       print_fn(f'[{i + 1}/{len(paths)}] {paths[i]}: '
@@ -226,6 +232,8 @@ def main(argv):
   for name in ('images', 'output_dir'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
+  if FLAGS.min_short_side < 0:
+    raise app.UsageError('--min_short_side must be >= 0')
   from official_shapemask.serving import label_map as label_map_lib  # pylint: disable=g-import-not-at-top
   try:
     paths = list_images(FLAGS.images)
@@ -233,7 +241,7 @@ def main(argv):
                  if FLAGS.label_map else None)
     predictor = _load_predictor()
     run(paths, predictor, FLAGS.output_dir, FLAGS.score_threshold,
-        label_map)
+        label_map, min_short_side=FLAGS.min_short_side)
   except (PredictError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -241,5 +249,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  quiet_logs.install()  # Before TensorFlow is imported.
   _define_flags()
   app.run(main)

@@ -3,8 +3,11 @@
 `COCOEvaluator` accumulates batches of inference outputs (contract
 "Inference" dict, with `image_info`) and eval-batch `groundtruths`, maps the
 boxes back to original-image pixels, pastes the masks with the **outer**
-boxes (`mask_paste`), encodes them as RLE and runs stock pycocotools
-`COCOeval` for `bbox` and `segm`.
+boxes and RLE-encodes them (`mask_paste.paste_and_encode`, on worker
+threads while the caller predicts the next batch) and runs pycocotools
+`COCOeval` for `bbox` and `segm` (`fast_cocoeval`: pycocotools' numbers bit
+for bit, with a faster matching loop and accumulation, split by category
+over worker processes for large evaluations).
 
 Metrics (dict of float): the 12 COCO numbers AP, AP50, AP75, APs, APm, APl,
 ARmax1, ARmax10, ARmax100, ARs, ARm, ARl for boxes, the same prefixed
@@ -24,10 +27,11 @@ so pycocotools measures a detection's size by its mask area for APs/APm/APl;
 the results JSON written with `results_json_path` carries both fields, one
 dict per detection.
 
-COCOeval on the 5,000 val2017 images takes minutes; `evaluate_async()` runs
-it in a background thread or a spawned process and returns a
-`concurrent.futures.Future`.
+`evaluate_async()` runs COCOeval in a background thread or a spawned
+process and returns a `concurrent.futures.Future`. docs/benchmarks.md has
+the evaluation's cost per stage at COCO scale (tools/benchmark_eval.py).
 """
+import collections
 import concurrent.futures
 import json
 import multiprocessing
@@ -36,10 +40,10 @@ import time
 import warnings
 
 import numpy as np
-from pycocotools import cocoeval
 
 from official_shapemask.evaluation import class_splits
 from official_shapemask.evaluation import coco_utils
+from official_shapemask.evaluation import fast_cocoeval
 from official_shapemask.evaluation import mask_paste
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax1",
@@ -58,6 +62,20 @@ _STAT_SPECS = (
 )
 
 _BACKGROUND_MODES = (False, True, "thread", "process")
+# Images whose masks may wait for the paste threads before `update` blocks
+# (bounds the memory of queued masks), per thread.
+_QUEUED_IMAGES_PER_THREAD = 4
+# More paste threads than this gain little (they share the GIL between
+# OpenCV / numpy calls).
+_MAX_PASTE_THREADS = 8
+
+
+def available_cpus():
+  """The number of CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
 
 
 def summarize_stats(coco_eval, category_index=None, missing=-1.0):
@@ -94,16 +112,6 @@ def summarize_stats(coco_eval, category_index=None, missing=-1.0):
   return stats
 
 
-def _run_coco_eval_type(coco_gt, results, image_ids, iou_type):
-  coco_dt = coco_utils.load_results(coco_gt, results)
-  coco_eval = cocoeval.COCOeval(coco_gt, coco_dt, iouType=iou_type)
-  coco_eval.params.imgIds = list(image_ids)
-  with coco_utils.quiet():
-    coco_eval.evaluate()
-    coco_eval.accumulate()
-  return coco_eval
-
-
 def _category_names(coco_gt, cat_ids):
   names = {}
   for cat in coco_gt.loadCats(cat_ids):
@@ -124,7 +132,9 @@ def run_coco_eval(job):
         include_mask);
       include_mask, per_category_metrics: bool;
       mask_eval_class: 'all' | 'voc' | 'nonvoc';
-      results_json_path: str or None.
+      results_json_path: str or None;
+      num_workers: int, optional (default 1), processes COCOeval may be
+        split over (`fast_cocoeval`).
 
   Returns:
     dict of metric name -> float.
@@ -161,14 +171,15 @@ def run_coco_eval(job):
   # Each detection once as bbox result; COCO's loadRes adds keys in place.
   box_results = [{k: v for k, v in r.items() if k != "segmentation"}
                  for r in results]
-  box_eval = _run_coco_eval_type(coco_gt, box_results, job["image_ids"],
-                                 "bbox")
-  evals = {"": box_eval}
-  if job["include_mask"]:
-    mask_results = [{k: v for k, v in r.items() if k != "bbox"}
-                    for r in results]
-    evals["mask_"] = _run_coco_eval_type(coco_gt, mask_results,
-                                         job["image_ids"], "segm")
+  with fast_cocoeval.WorkerPool.for_results(
+      len(results), job.get("num_workers", 1)) as pool:
+    evals = {"": fast_cocoeval.evaluate(coco_gt, box_results,
+                                        job["image_ids"], "bbox", pool)}
+    if job["include_mask"]:
+      mask_results = [{k: v for k, v in r.items() if k != "bbox"}
+                      for r in results]
+      evals["mask_"] = fast_cocoeval.evaluate(coco_gt, mask_results,
+                                              job["image_ids"], "segm", pool)
 
   for prefix, coco_eval in evals.items():
     for name, value in zip(METRIC_NAMES, summarize_stats(coco_eval)):
@@ -204,6 +215,19 @@ def run_coco_eval(job):
   return metrics
 
 
+def _image_results(record, image_id, boxes_xywh, classes, scores,
+                   paste_args=None):
+  """COCO result dicts of one image; pastes and encodes its masks if given."""
+  segmentations = None
+  if paste_args is not None:
+    try:
+      segmentations = mask_paste.paste_and_encode(*paste_args)
+    except ValueError as e:
+      raise ValueError(f"{record}: {e}") from e
+  return coco_utils.detections_to_coco_results(image_id, boxes_xywh, classes,
+                                               scores, segmentations)
+
+
 class COCOEvaluator:
   """Accumulates ShapeMask detections and computes COCO box/mask metrics.
 
@@ -227,6 +251,11 @@ class COCOEvaluator:
     category_names: optional dict {category id: name} used for per-category
       keys when the ground truth comes from the eval batches (the JSON's
       names are used otherwise).
+    num_workers: int or None (default: every available core). Threads that
+      paste and encode masks while `update`'s caller goes on (at most 8),
+      and processes that COCOeval is split over (by category, one per
+      50,000 detections at most). 1: everything on the calling thread.
+      Any value gives the same results.
   """
 
   def __init__(self,
@@ -236,7 +265,8 @@ class COCOEvaluator:
                mask_eval_class="all",
                results_json_path=None,
                run_in_background=False,
-               category_names=None):
+               category_names=None,
+               num_workers=None):
     if mask_eval_class not in class_splits.SPLITS:
       raise ValueError(
           f"mask_eval_class {mask_eval_class!r} is not one of "
@@ -249,6 +279,8 @@ class COCOEvaluator:
       raise ValueError(
           f"run_in_background {run_in_background!r} is not one of "
           f"{_BACKGROUND_MODES}.")
+    if num_workers is not None and int(num_workers) < 1:
+      raise ValueError(f"num_workers must be >= 1 or None, got {num_workers}.")
     if annotation_file is not None and not os.path.isfile(annotation_file):
       raise FileNotFoundError(
           f"annotation_file {annotation_file!r} does not exist.")
@@ -260,7 +292,11 @@ class COCOEvaluator:
     self._background = ("process" if run_in_background is True
                         else run_in_background)
     self._category_names = dict(category_names or {})
+    self._num_workers = (available_cpus() if num_workers is None
+                         else int(num_workers))
+    self._paste_threads = min(self._num_workers, _MAX_PASTE_THREADS)
     self._executor = None
+    self._paste_pool = None
     self.reset()
 
   @property
@@ -278,6 +314,9 @@ class COCOEvaluator:
     self._image_ids = []
     self._seen_ids = set()
     self._results = []
+    # Per image, in update order: its result dicts, or a Future of them.
+    self._pending = []
+    self._in_flight = collections.deque()
     self._gt_images = []
     self._gt_annotations = []
     self._num_batches = 0
@@ -359,15 +398,16 @@ class COCOEvaluator:
       self._image_ids.append(image_id)
 
       keep = (np.arange(num_slots) < num_dets[b]) & (scores[b] > 0)
-      segmentations = None
-      if self._include_mask:
-        pasted = mask_paste.paste_instance_masks_hwn(
-            preds["detection_masks"][b][keep], outer[b][keep],
-            int(heights[b]), int(widths[b]))
-        segmentations = coco_utils.encode_binary_masks(pasted)
-      self._results.extend(coco_utils.detections_to_coco_results(
-          image_id, xywh[b][keep], classes[b][keep], scores[b][keep],
-          segmentations))
+      # Boolean indexing copies: the caller may reuse its arrays.
+      task = (row, image_id, xywh[b][keep], classes[b][keep],
+              scores[b][keep],
+              (preds["detection_masks"][b][keep], outer[b][keep],
+               int(heights[b]), int(widths[b])) if self._include_mask
+              else None)
+      if self._include_mask and self._num_workers > 1:
+        self._submit_paste(task)
+      else:
+        self._pending.append(_image_results(*task))
 
       if self._annotation_file is None:
         image, annotations = coco_utils.groundtruth_to_coco_annotations(
@@ -376,7 +416,38 @@ class COCOEvaluator:
         self._gt_images.append(image)
         self._gt_annotations.extend(annotations)
 
+  def _submit_paste(self, task):
+    if self._paste_pool is None:
+      self._paste_pool = concurrent.futures.ThreadPoolExecutor(
+          max_workers=self._paste_threads, thread_name_prefix="coco_paste")
+    future = self._paste_pool.submit(_image_results, *task)
+    self._pending.append(future)
+    self._in_flight.append(future)
+    # Back-pressure: at most a few images per thread wait with their masks.
+    while len(self._in_flight) > (self._paste_threads *
+                                  _QUEUED_IMAGES_PER_THREAD):
+      self._in_flight.popleft().result()
+
+  def finish_updates(self):
+    """Waits until every image given to `update` is pasted and encoded.
+
+    Raises:
+      ValueError: naming the eval batch row, for masks or boxes that cannot
+        be pasted.
+    """
+    pending, self._pending = self._pending, []
+    self._in_flight.clear()
+    for item in pending:
+      self._results.extend(item.result() if isinstance(
+          item, concurrent.futures.Future) else item)
+
+  def coco_results(self):
+    """The COCO result dicts of every image so far (bbox, score, RLE)."""
+    self.finish_updates()
+    return list(self._results)
+
   def _make_job(self):
+    self.finish_updates()
     if not self._image_ids:
       raise ValueError("COCOEvaluator.evaluate called before any update().")
     job = {
@@ -388,6 +459,7 @@ class COCOEvaluator:
         "per_category_metrics": self._per_category_metrics,
         "mask_eval_class": self._mask_eval_class,
         "results_json_path": self._results_json_path,
+        "num_workers": self._num_workers,
     }
     if self._annotation_file is None:
       category_ids = sorted({a["category_id"] for a in self._gt_annotations})
@@ -433,10 +505,13 @@ class COCOEvaluator:
     return self._executor.submit(run_coco_eval, job)
 
   def close(self):
-    """Shuts the background worker down (waits for running evaluations)."""
+    """Shuts the background workers down (waits for running work)."""
     if self._executor is not None:
       self._executor.shutdown(wait=True)
       self._executor = None
+    if self._paste_pool is not None:
+      self._paste_pool.shutdown(wait=True)
+      self._paste_pool = None
 
 
 def format_metrics_table(metrics):

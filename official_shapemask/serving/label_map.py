@@ -8,8 +8,6 @@ Accepted files (JSON):
 
 import json
 
-import tensorflow as tf
-
 
 def _from_categories(categories, path):
   names = {}
@@ -35,6 +33,8 @@ def load_label_map(path):
     FileNotFoundError: no file at `path`.
     ValueError: the JSON has none of the accepted layouts.
   """
+  # Imported here so that drawing (visualize.py) needs no TensorFlow.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f'label map {path} does not exist.')
   with tf.io.gfile.GFile(path) as f:

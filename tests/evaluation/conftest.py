@@ -161,6 +161,40 @@ def gt_detections(coco, image_ids):
   return detections
 
 
+def fixed_detections(coco, image_ids, seed=0):
+  """Jittered, partly missed / mislabelled GT plus false positives."""
+  rng = np.random.default_rng(seed)
+  cat_ids = sorted(coco.getCatIds())
+  detections = {}
+  for image_id in image_ids:
+    img = coco.imgs[image_id]
+    height, width = img["height"], img["width"]
+    dets = []
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])):
+      if ann["iscrowd"] or rng.uniform() < 0.15:
+        continue
+      x, y, w, h = ann["bbox"]
+      jitter = rng.normal(0.0, 0.08, size=4) * [h, w, h, w]
+      box = np.array([y, x, y + h, x + w]) + jitter
+      category = (ann["category_id"] if rng.uniform() > 0.1
+                  else int(rng.choice(cat_ids)))
+      mask = coco.annToMask(ann)
+      if rng.uniform() < 0.3:
+        mask = cv2.dilate(mask, np.ones((5, 5), np.uint8))
+      dets.append((box, category, float(rng.uniform(0.05, 1.0)), mask))
+    for _ in range(int(rng.integers(0, 4))):
+      cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+      hh, hw = rng.uniform(5, height / 3), rng.uniform(5, width / 3)
+      mask = np.zeros([height, width], np.uint8)
+      cv2.ellipse(mask, (int(cx), int(cy)), (int(hw), int(hh)), 0, 0, 360, 1,
+                  -1)
+      dets.append((np.array([cy - hh, cx - hw, cy + hh, cx + hw]),
+                   int(rng.choice(cat_ids)), float(rng.uniform(0.05, 1.0)),
+                   mask))
+    detections[image_id] = dets[:100]
+  return detections
+
+
 def batches(coco, image_ids, detections, batch_size=8, **kwargs):
   """Yields (predictions, groundtruths) per batch of `batch_size` images."""
   for start in range(0, len(image_ids), batch_size):
@@ -185,5 +219,6 @@ def evalkit():
   return types.SimpleNamespace(
       crop_to_paste_frame=crop_to_paste_frame, outer_boxes=outer_boxes,
       image_info=image_info, groundtruths=groundtruths,
-      predictions=predictions, gt_detections=gt_detections, batches=batches,
+      predictions=predictions, gt_detections=gt_detections,
+      fixed_detections=fixed_detections, batches=batches,
       CANVAS=CANVAS, MASK_SIZE=MASK_SIZE)

@@ -3,7 +3,6 @@ import contextlib
 import io
 import json
 
-import cv2
 import numpy as np
 import pytest
 from pycocotools import coco as coco_api
@@ -16,40 +15,6 @@ from official_shapemask.evaluation import format_metrics_table
 from official_shapemask.evaluation import METRIC_NAMES
 
 BATCH = 7  # 80 images -> the last batch has 4 padded rows (source_id -1).
-
-
-def _fixed_detections(coco, image_ids, seed=0):
-  """Jittered, partly missed / mislabelled GT plus false positives."""
-  rng = np.random.default_rng(seed)
-  cat_ids = sorted(coco.getCatIds())
-  detections = {}
-  for image_id in image_ids:
-    img = coco.imgs[image_id]
-    height, width = img["height"], img["width"]
-    dets = []
-    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])):
-      if ann["iscrowd"] or rng.uniform() < 0.15:
-        continue
-      x, y, w, h = ann["bbox"]
-      jitter = rng.normal(0.0, 0.08, size=4) * [h, w, h, w]
-      box = np.array([y, x, y + h, x + w]) + jitter
-      category = (ann["category_id"] if rng.uniform() > 0.1
-                  else int(rng.choice(cat_ids)))
-      mask = coco.annToMask(ann)
-      if rng.uniform() < 0.3:
-        mask = cv2.dilate(mask, np.ones((5, 5), np.uint8))
-      dets.append((box, category, float(rng.uniform(0.05, 1.0)), mask))
-    for _ in range(int(rng.integers(0, 4))):
-      cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-      hh, hw = rng.uniform(5, height / 3), rng.uniform(5, width / 3)
-      mask = np.zeros([height, width], np.uint8)
-      cv2.ellipse(mask, (int(cx), int(cy)), (int(hw), int(hh)), 0, 0, 360, 1,
-                  -1)
-      dets.append((np.array([cy - hh, cx - hw, cy + hh, cx + hw]),
-                   int(rng.choice(cat_ids)), float(rng.uniform(0.05, 1.0)),
-                   mask))
-    detections[image_id] = dets[:100]
-  return detections
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +30,7 @@ def gt_batches(val_coco, image_ids, evalkit):
 
 @pytest.fixture(scope="module")
 def fixed_batches(val_coco, image_ids, evalkit):
-  detections = _fixed_detections(val_coco, image_ids)
+  detections = evalkit.fixed_detections(val_coco, image_ids)
   return list(evalkit.batches(val_coco, image_ids, detections, BATCH))
 
 

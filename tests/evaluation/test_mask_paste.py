@@ -1,7 +1,9 @@
 """Tests of official_shapemask.evaluation.mask_paste."""
 import numpy as np
 import pytest
+from pycocotools import mask as mask_api
 
+from official_shapemask.evaluation import coco_utils
 from official_shapemask.evaluation import mask_paste
 
 
@@ -77,3 +79,79 @@ def test_round_trip_on_real_masks(val_coco, evalkit):
   ious = np.asarray(ious)
   assert ious.size > 300  # coco_tiny160 val has 462 such objects.
   assert ious.min() > 0.95, np.sort(ious)[:5]
+
+
+def _old_path(masks, boxes, height, width):
+  """Full-size paste, then pycocotools' encoder (the path it replaces)."""
+  return coco_utils.encode_binary_masks(
+      mask_paste.paste_instance_masks_hwn(masks, boxes, height, width))
+
+
+def test_paste_and_encode_equals_full_size_paste_on_edge_cases():
+  rng = np.random.default_rng(7)
+  height, width = 37, 53
+  masks = rng.uniform(size=[9, 16, 16]).astype(np.float32)
+  masks[0] = 1.0  # Full columns: runs go on from one column to the next.
+  masks[1] = 0.0  # Nothing above 0.5.
+  boxes = np.array([
+      [-5.0, -5.0, 45.0, 60.0],    # Covers the image: ones to the last pixel.
+      [3.0, 4.0, 20.0, 30.0],
+      [-30.0, 10.0, 5.0, 20.0],    # Sticks out at the top.
+      [30.0, 45.0, 80.0, 90.0],    # Bottom-right corner.
+      [10.0, -40.0, 30.0, 2.0],    # Left edge.
+      [20.0, 20.0, 20.4, 20.4],    # Less than a pixel.
+      [100.0, 100.0, 120.0, 130.0],  # Outside the image.
+      [0.0, 0.0, 36.0, 52.0],
+      [-1e3, -1e3, 1e3, 1e3],      # Far larger than the image.
+  ])
+  expected = _old_path(masks, boxes, height, width)
+  assert mask_paste.paste_and_encode(masks, boxes, height, width) == expected
+  assert expected[6]["counts"] == expected[1]["counts"]  # Both empty.
+  assert mask_paste.paste_and_encode(np.zeros([0, 16, 16]), np.zeros([0, 4]),
+                                     5, 5) == []
+  with pytest.raises(ValueError, match="N, 4"):
+    mask_paste.paste_and_encode(masks, boxes[:3], height, width)
+
+
+def test_window_counts_match_pycocotools_encode():
+  rng = np.random.default_rng(11)
+  for trial in range(200):
+    height, width = rng.integers(1, 40, 2)
+    h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+    y_lo, x_lo = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+    window = rng.uniform(size=[h, w]) < rng.uniform(0.05, 0.95)
+    if trial % 4 == 0:
+      window[:] = True  # Whole columns of ones.
+    full = np.zeros([height, width], np.uint8, order="F")
+    full[y_lo:y_lo + h, x_lo:x_lo + w] = window
+    counts = mask_paste.window_rle_counts(window, y_lo, x_lo, height, width)
+    assert counts.sum() == height * width
+    assert (counts[1:] > 0).all()  # Only the first run may be empty.
+    rle = mask_api.frPyObjects(
+        [{"size": [int(height), int(width)], "counts": counts}],
+        int(height), int(width))[0]
+    assert rle == mask_api.encode(full), (trial, counts)
+  with pytest.raises(ValueError, match="not inside"):
+    mask_paste.window_rle_counts(np.ones([3, 3], bool), 8, 0, 10, 10)
+
+
+def test_paste_and_encode_equals_full_size_paste_on_real_predictions(
+    val_coco, evalkit):
+  """coco_tiny160 val: masks sampled from real objects, boxes jittered."""
+  image_ids = sorted(val_coco.getImgIds())[:24]
+  detections = evalkit.fixed_detections(val_coco, image_ids, seed=3)
+  checked = 0
+  for predictions, groundtruths in evalkit.batches(val_coco, image_ids,
+                                                   detections, 8):
+    outer = coco_utils.boxes_to_original(predictions["detection_outer_boxes"],
+                                         predictions["image_info"])
+    for b in range(8):
+      n = int(predictions["num_detections"][b])
+      height = int(groundtruths["height"][b])
+      width = int(groundtruths["width"][b])
+      masks = predictions["detection_masks"][b, :n]
+      assert mask_paste.paste_and_encode(
+          masks, outer[b, :n], height, width) == _old_path(
+              masks, outer[b, :n], height, width)
+      checked += n
+  assert checked > 100

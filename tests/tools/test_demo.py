@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import cv2
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -31,6 +32,13 @@ def test_demo_end_to_end_into_the_folder_of_a_previous_run(tmp_path):
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
       check=False)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  # Our own progress only: no TensorFlow ERROR/WARNING lines (cuInit on a
+  # CPU machine, oneDNN int64, map_fn deprecation; official_shapemask.
+  # quiet_logs), in the demo's output or its tools'.
+  tf_lines = re.findall(r"^(?:\d{4}-\d\d-\d\d [\d:.]+: [EWF] |[EWF]\d{4} "
+                        r"[\d:.]+ +\d+ \S+\] ).*$",
+                        proc.stdout + proc.stderr, re.MULTILINE)
+  assert not tf_lines, tf_lines
 
   last = proc.stdout.strip().splitlines()[-1]
   match = re.fullmatch(
@@ -46,4 +54,9 @@ def test_demo_end_to_end_into_the_folder_of_a_previous_run(tmp_path):
   assert (stale_export / "variables").is_dir()
   overlays = sorted((out / "predictions").glob("*.png"))
   assert len(overlays) == 2
+  sheet = cv2.imread(str(out / "contact_sheet.png"))
+  overlay = cv2.imread(str(overlays[0]))
+  # Drawn enlarged (160 px images -> 480 px), tiled side by side.
+  assert overlay.shape[:2] == (480, 480)
+  assert sheet.shape[1] > 2 * 300 and sheet.shape[0] > 300
   assert (out / "data" / "shape_priors.npy").is_file()

@@ -8,9 +8,11 @@ detects four boxes with masks above 0.5 on any image), exported with
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -31,6 +33,8 @@ sys.path.insert(0, str(helpers.REPO_ROOT / "tools"))
 import predict as predict_tool  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 IMAGE_IDS = (helpers.VAL_IMAGE_ID, helpers.PORTRAIT_IMAGE_ID)
+TF_LOG_LINE = re.compile(r"^(?:\d{4}-\d\d-\d\d [\d:.]+: [EWF] |[EWF]\d{4} "
+                         r"[\d:.]+ +\d+ \S+\] )", re.MULTILINE)
 THRESHOLD = 0.5
 
 
@@ -65,7 +69,7 @@ def cli_run(saved_model, images_dir, coco_tiny_root, tmp_path_factory):
       f"--score_threshold={THRESHOLD}", f"--label_map={annotations}")
   assert result.returncode == 0, result.stderr[-3000:]
   return {"output_dir": output_dir, "stdout": result.stdout,
-          "annotations": annotations}
+          "stderr": result.stderr, "annotations": annotations}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +86,9 @@ def expected(saved_model, images_dir):
 
 def test_progress_and_files(cli_run):
   stdout = cli_run["stdout"]
+  # Our progress only: none of TensorFlow's start-up ERROR/WARNING lines
+  # (official_shapemask.quiet_logs).
+  assert not TF_LOG_LINE.search(cli_run["stderr"]), cli_run["stderr"][-3000:]
   assert "image_id from file name stems" in stdout
   for i, image_id in enumerate(IMAGE_IDS[::-1]):  # Sorted by file name.
     assert f"[{i + 1}/2] " in stdout and f"{image_id:012d}.jpg" in stdout
@@ -91,26 +98,46 @@ def test_progress_and_files(cli_run):
 
 
 def test_overlay_size_and_changed_pixels(cli_run, images_dir, expected):
+  labels = label_map_lib.load_label_map(str(cli_run["annotations"]))
+  scales = []
   for image_id in IMAGE_IDS:
     original = decode(images_dir / f"{image_id:012d}.jpg").numpy()
     overlay = decode(cli_run["output_dir"] / f"{image_id:012d}.png").numpy()
-    assert overlay.shape == original.shape
+    # Drawn enlarged by an integer factor until the short side is >= 480.
+    scale = visualize.drawing_scale(*original.shape[:2])
+    scales.append(scale)
+    assert overlay.shape == (original.shape[0] * scale,
+                             original.shape[1] * scale, 3)
+    assert min(overlay.shape[:2]) >= 480
+    base = visualize.enlarge(original, scale)
     detections = expected[image_id]
     drawn = detections["scores"] >= THRESHOLD
     assert drawn.sum() >= 1
     masks = detections["masks"][drawn].any(axis=0)
     assert masks.sum() > 1000
-    changed = np.any(overlay != original, axis=-1)
+    masks = np.repeat(np.repeat(masks, scale, axis=0), scale, axis=1)
+    changed = np.any(overlay != base, axis=-1)
     # Where masks were predicted, the colour is blended in.
     assert changed[masks].mean() > 0.95
-    # Away from every drawn box, mask and label tag nothing changes.
-    height, width = original.shape[:2]
-    near = masks.copy()
-    for y0, x0, y1, x1 in detections["boxes"][drawn]:
-      near[max(int(y0) - 30, 0):min(int(y1) + 3, height),
-           max(int(x0) - 3, 0):min(int(x1) + 200, width)] = True
+    # Away from every drawn box, mask and label tag nothing changes (a tag
+    # sits above, inside or below its box, from either edge).
+    height, width = base.shape[:2]
+    font_scale, thickness = visualize.text_style(height, width)
+    # Mask outlines are a few pixels wide, centred on the mask's edge.
+    near = cv2.dilate(masks.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    for box, class_id, score in zip(detections["boxes"][drawn] * scale,
+                                    detections["classes"][drawn],
+                                    detections["scores"][drawn]):
+      text = f"{label_map_lib.class_name(labels, class_id)}: {score:.2f}"
+      (tag_w, tag_h), baseline = cv2.getTextSize(
+          text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+      tag_w, tag_h = tag_w + 8, tag_h + baseline + 8
+      y0, x0, y1, x1 = (int(v) for v in box)
+      near[max(y0 - tag_h, 0):min(y1 + tag_h, height),
+           max(x0 - tag_w, 0):min(x1 + tag_w, width)] = True
     assert (~near).sum() > 0.1 * height * width
     assert not changed[~near].any()
+  assert max(scales) > 1  # At least one image was drawn enlarged.
 
 
 def test_results_json_loads_in_pycocotools(cli_run, expected):
@@ -153,7 +180,9 @@ def test_threshold_above_every_score_draws_nothing(saved_model, images_dir,
   assert len(results) == 4  # The JSON keeps every valid detection.
   assert "4 detections, 0 >= 1.01" in "\n".join(lines)
   overlay = decode(tmp_path / f"{IMAGE_IDS[0]:012d}.png").numpy()
-  np.testing.assert_array_equal(overlay, decode(paths[0]).numpy())
+  original = decode(paths[0]).numpy()
+  np.testing.assert_array_equal(overlay, visualize.enlarge(
+      original, visualize.drawing_scale(*original.shape[:2])))
 
 
 def test_image_ids_from_positions_unless_all_stems_are_numbers():
@@ -204,13 +233,14 @@ def test_draw_detections_blends_masks_and_skips_boxes_outside():
   mask = np.zeros((1, 120, 160), np.uint8)
   mask[0, 60:90, 40:100] = 1
   drawn = visualize.draw_detections(image, [[40, 20, 100, 120]], [1], [0.9],
-                                    mask, mask_alpha=0.5)
+                                    mask, mask_alpha=0.5, min_short_side=0)
   color = np.array(visualize.class_color(1), np.float32)
   np.testing.assert_array_equal(
       drawn[75, 70], np.round(100 * 0.5 + color * 0.5).astype(np.uint8))
   assert (drawn[105:, 130:] == 100).all()
   assert (drawn[40, 20:121] == visualize.class_color(1)).all()  # Box edge.
-  outside = visualize.draw_detections(image, [[130, 0, 150, 20]], [1], [0.9])
+  outside = visualize.draw_detections(image, [[130, 0, 150, 20]], [1], [0.9],
+                                      min_short_side=0)
   np.testing.assert_array_equal(outside, image)
 
 
