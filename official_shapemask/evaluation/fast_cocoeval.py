@@ -17,11 +17,12 @@ every array byte for byte with stock COCOeval):
 * split by category: COCOeval treats every category on its own (matching
   per image and category, accumulation per category), so for large
   evaluations the categories are split into groups of similar work, each
-  group is evaluated in a spawned worker process with the ground truth and
-  the detections of its categories (in their original order), and the
+  group is evaluated in a worker process with the ground truth and the
+  detections of its categories (in their original order), and the
   per-category arrays are put back together (`WorkerPool`: one process per
   `MIN_RESULTS_PER_PROCESS` detections; smaller evaluations run on the
-  calling thread).
+  calling thread). The workers are plain subprocesses
+  (`cocoeval_worker`), so the caller's script is never imported again.
 """
 
 import concurrent.futures
@@ -29,7 +30,11 @@ import contextlib
 import datetime
 import functools
 import io
-import multiprocessing
+import os
+import pickle
+import struct
+import subprocess
+import sys
 
 import numpy as np
 from pycocotools import coco as coco_api
@@ -40,6 +45,28 @@ from official_shapemask.evaluation import coco_utils
 # Below this many detections per process, starting processes costs more than
 # it saves.
 MIN_RESULTS_PER_PROCESS = 50_000
+
+_LENGTH = struct.Struct(">Q")
+
+
+def write_message(stream, obj):
+  """Writes one length-prefixed pickle to a binary stream and flushes."""
+  payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+  stream.write(_LENGTH.pack(len(payload)))
+  stream.write(payload)
+  stream.flush()
+
+
+def read_message(stream):
+  """Reads one length-prefixed pickle; None when the stream has ended."""
+  header = stream.read(_LENGTH.size)
+  if len(header) < _LENGTH.size:
+    return None
+  (size,) = _LENGTH.unpack(header)
+  payload = stream.read(size)
+  if len(payload) < size:
+    return None
+  return pickle.loads(payload)
 
 
 class AccumulatedEval:
@@ -292,8 +319,16 @@ def category_groups(cat_ids, weights, num_groups):
   return [sorted(g) for g in groups if g]
 
 
-def _evaluate_group(task):
-  """Worker: pycocotools on the categories of one group (picklable)."""
+def evaluate_group(task):
+  """pycocotools on the categories of one group (what a worker runs).
+
+  Args:
+    task: dict with `gt_dataset` (COCO ground-truth dict), `results`,
+      `image_ids`, `iou_type` and `cat_ids` (the group).
+
+  Returns:
+    dict: `cat_ids` and the accumulated `precision`, `recall`, `scores`.
+  """
   with contextlib.redirect_stdout(io.StringIO()):
     coco_gt = coco_api.COCO()
     coco_gt.dataset = task["gt_dataset"]
@@ -305,16 +340,18 @@ def _evaluate_group(task):
 
 
 class WorkerPool:
-  """Spawned worker processes for `evaluate`, shared by its calls.
+  """Worker processes for `evaluate`, shared by its calls.
 
   Use as a context manager; the processes start on the first evaluation
-  that needs them (spawn, not fork: the caller may be running TensorFlow
-  threads) and stop on exit. `size` 1 is no pool at all.
+  that needs them and stop on exit. They are plain subprocesses running
+  `cocoeval_worker` (not multiprocessing's spawn, which would import the
+  caller's `__main__` again, nor fork, which is unsafe beside TensorFlow's
+  threads). `size` 1 is no pool at all.
   """
 
   def __init__(self, size):
     self.size = max(1, int(size))
-    self._executor = None
+    self._procs = []
 
   @classmethod
   def for_results(cls, num_results, num_workers):
@@ -322,20 +359,65 @@ class WorkerPool:
     most `num_workers` (starting a process costs about a second of CPU)."""
     return cls(workers_for(num_results, num_workers))
 
-  def map(self, fn, tasks):
-    if self._executor is None:
-      self._executor = concurrent.futures.ProcessPoolExecutor(
-          max_workers=self.size,
-          mp_context=multiprocessing.get_context("spawn"))
-    return list(self._executor.map(fn, tasks))
+  def _start(self):
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    path = [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    self._procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "official_shapemask.evaluation."
+             "cocoeval_worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env=env)
+        for _ in range(self.size)]
+
+  def run(self, tasks):
+    """`evaluate_group` of each task, over the workers; results in order.
+
+    Raises:
+      RuntimeError: a task failed (with the worker's traceback) or a worker
+        process ended.
+    """
+    if not self._procs:
+      self._start()
+    results = [None] * len(tasks)
+
+    def serve(w):
+      proc = self._procs[w]
+      for i in range(w, len(tasks), len(self._procs)):
+        write_message(proc.stdin, tasks[i])
+        answer = read_message(proc.stdout)
+        if answer is None:
+          raise RuntimeError(f"a COCOeval worker process ended (exit status "
+                             f"{proc.wait()})")
+        status, value = answer
+        if status != "ok":
+          raise RuntimeError(f"a COCOeval worker failed:\n{value}")
+        results[i] = value
+
+    with concurrent.futures.ThreadPoolExecutor(len(self._procs)) as threads:
+      for future in [threads.submit(serve, w)
+                     for w in range(len(self._procs))]:
+        future.result()
+    return results
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
-    if self._executor is not None:
-      self._executor.shutdown(wait=True)
-      self._executor = None
+    for proc in self._procs:
+      try:
+        proc.stdin.close()
+      except OSError:
+        pass
+    for proc in self._procs:
+      try:
+        proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+      proc.stdout.close()
+    self._procs = []
 
 
 def _by_category(coco_gt, results, image_ids, iou_type, pool):
@@ -358,7 +440,7 @@ def _by_category(coco_gt, results, image_ids, iou_type, pool):
         "results": [r for r in results if r["category_id"] in members],
         "image_ids": list(image_ids), "iou_type": iou_type, "cat_ids": group,
     })
-  parts = pool.map(_evaluate_group, tasks)
+  parts = pool.run(tasks)
 
   params = cocoeval.Params(iouType=iou_type)
   params.imgIds = sorted(set(image_ids))

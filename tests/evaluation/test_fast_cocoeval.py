@@ -5,6 +5,11 @@ against stock pycocotools COCOeval over the same detections (coco_tiny160
 val, and synthetic data with many detections per image), bit for bit.
 """
 import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -208,3 +213,54 @@ def test_paste_error_names_the_row(batches, val_annotation_file):
 def test_bad_num_workers():
   with pytest.raises(ValueError, match="num_workers"):
     COCOEvaluator(num_workers=0)
+
+
+_NO_MAIN_GUARD = textwrap.dedent("""
+    # A user's script without an `if __name__ == "__main__":` guard.
+    print("script body ran", flush=True)
+    import numpy as np
+    from official_shapemask.evaluation import coco_utils
+    from official_shapemask.evaluation import fast_cocoeval
+
+    rng = np.random.default_rng(0)
+    images = [{"id": i, "height": 100, "width": 100} for i in range(1, 5)]
+    cats = [{"id": c, "name": str(c)} for c in (1, 2, 3)]
+    anns, results = [], []
+    for n in range(24):
+      x, y = rng.uniform(0, 60, 2)
+      box = [float(x), float(y), 30.0, 30.0]
+      anns.append({"id": n + 1, "image_id": n % 4 + 1, "category_id": n % 3
+                   + 1, "bbox": box, "area": 900.0, "iscrowd": 0})
+      results.append({"image_id": n % 4 + 1, "category_id": n % 3 + 1,
+                      "bbox": [box[0] + 2, box[1], 30.0, 30.0],
+                      "score": float(rng.uniform())})
+    gt = coco_utils.quiet_coco(dataset={"images": images, "categories": cats,
+                                        "annotations": anns})
+    serial = fast_cocoeval.evaluate(gt, [dict(r) for r in results],
+                                    [1, 2, 3, 4], "bbox")
+    with fast_cocoeval.WorkerPool(2) as pool:
+      split = fast_cocoeval.evaluate(gt, [dict(r) for r in results],
+                                     [1, 2, 3, 4], "bbox", pool)
+    assert np.array_equal(split.eval["precision"], serial.eval["precision"])
+    print("evaluated", flush=True)
+""")
+
+
+def test_worker_processes_do_not_rerun_the_callers_script(tmp_path):
+  """A plain script (no __main__ guard) using the pool runs exactly once."""
+  script = tmp_path / "user_script.py"
+  script.write_text(_NO_MAIN_GUARD)
+  repo = str(pathlib.Path(__file__).resolve().parents[2])
+  env = dict(os.environ, PYTHONPATH=repo)
+  result = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path),
+                          env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("script body ran") == 1, result.stdout
+  assert "evaluated" in result.stdout
+
+
+def test_a_failing_worker_task_names_the_error():
+  with fast_cocoeval.WorkerPool(2) as pool:
+    with pytest.raises(RuntimeError, match="COCOeval worker failed"):
+      pool.run([{"gt_dataset": None}])
