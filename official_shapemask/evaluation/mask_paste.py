@@ -177,7 +177,9 @@ def paste_and_encode(masks, outer_boxes_yxyx, image_height, image_width):
     return []
   counts = [np.array([h * w], np.uint32)] * masks.shape[0]
   for i, y_lo, x_lo, window in _pasted_windows(masks, boxes, h, w):
-    on = cv2.compare(window, 0.5, cv2.CMP_GT)  # uint8 0 / 255, same as > 0.5
+    # NumPy, not cv2.compare: OpenCV's bindings read a 1x1 array as a
+    # scalar and refuse the comparison (a one-pixel box at an image edge).
+    on = np.greater(window, 0.5).view(np.uint8)
     counts[i] = _column_major_counts(on, y_lo, x_lo, h, w)
   rles = mask_api.frPyObjects([{"size": [h, w], "counts": c} for c in counts],
                               h, w)

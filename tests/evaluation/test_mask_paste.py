@@ -90,7 +90,8 @@ def _old_path(masks, boxes, height, width):
 def test_paste_and_encode_equals_full_size_paste_on_edge_cases():
   rng = np.random.default_rng(7)
   height, width = 37, 53
-  masks = rng.uniform(size=[9, 16, 16]).astype(np.float32)
+  masks = rng.uniform(size=[10, 16, 16]).astype(np.float32)
+  masks[9] = 1.0
   masks[0] = 1.0  # Full columns: runs go on from one column to the next.
   masks[1] = 0.0  # Nothing above 0.5.
   boxes = np.array([
@@ -103,6 +104,7 @@ def test_paste_and_encode_equals_full_size_paste_on_edge_cases():
       [100.0, 100.0, 120.0, 130.0],  # Outside the image.
       [0.0, 0.0, 36.0, 52.0],
       [-1e3, -1e3, 1e3, 1e3],      # Far larger than the image.
+      [-20.0, -20.0, -1.0, -1.0],  # Reaches one pixel in: a 1x1 window.
   ])
   expected = _old_path(masks, boxes, height, width)
   assert mask_paste.paste_and_encode(masks, boxes, height, width) == expected
