@@ -112,3 +112,33 @@ class LossGuard:
                  f"the lowest running median {self.reference:.4g}")
     return (f"total loss {total_loss:.4g} exceeds {limit:.4g} = "
             f"{self.factor:g} x max({reference}, {FLOOR:g})")
+
+
+def stop_error(guard, reason, step, total_loss, losses_text, limit,
+               latest_checkpoint):
+  """The error that stops a diverged run (the same text for every engine).
+
+  Args:
+    guard: the run's `LossGuard`.
+    reason: 'non-finite' or 'explosion' (`LossGuard.check`).
+    step: int, the step whose loss diverged.
+    total_loss: float, that step's total loss.
+    losses_text: str, all of that step's losses, formatted.
+    limit: float, the explosion limit that step was checked against.
+    latest_checkpoint: the newest checkpoint saved before it, or None.
+
+  Returns:
+    a `NonFiniteLossError` or `LossExplosionError` naming the step and the
+    checkpoint kept.
+  """
+  kept = (f"the last good checkpoint is kept: {latest_checkpoint}"
+          if latest_checkpoint else "no checkpoint was saved before it")
+  if reason == "non-finite":
+    return NonFiniteLossError(
+        f"non-finite loss at step {step} ({losses_text}); training stopped, "
+        f"{kept}")
+  return LossExplosionError(
+      f"loss explosion at step {step}: {guard.describe(total_loss, limit)} "
+      f"({losses_text}); training stopped, {kept} (nothing is saved once a "
+      "step explodes). Lower the learning rate, or change "
+      "Experiment.loss_explosion_factor (0 = off)")

@@ -411,20 +411,11 @@ class Experiment:
 
   def _divergence_error(self):
     loop = self._loop
-    latest = self.manager.latest_checkpoint
-    kept = (f"the last good checkpoint is kept: {latest}" if latest else
-            "no checkpoint was saved before it")
-    losses = train_loop.format_losses(loop.bad_losses)
-    if loop.bad_reason == "non-finite":
-      return train_loop.NonFiniteLossError(
-          f"non-finite loss at step {loop.bad_step} ({losses}); training "
-          f"stopped, {kept}")
-    return train_loop.LossExplosionError(
-        f"loss explosion at step {loop.bad_step}: "
-        f"{loop.guard.describe(loop.bad_losses['total_loss'], loop.bad_limit)}"
-        f" ({losses}); training stopped, {kept} (nothing is saved once a "
-        "step explodes). Lower the learning rate, or change "
-        "Experiment.loss_explosion_factor (0 = off)")
+    return divergence.stop_error(
+        loop.guard, loop.bad_reason, loop.bad_step,
+        loop.bad_losses["total_loss"],
+        train_loop.format_losses(loop.bad_losses), loop.bad_limit,
+        self.manager.latest_checkpoint)
 
   def train(self, until_step=None):
     """Trains to `until_step` (default total_steps), checkpointing.

@@ -294,23 +294,13 @@ class JaxExperiment:
 
   def _divergence_error(self, reason, step, bad_losses):
     """The TF loop's error for a non-finite or exploding step loss."""
-    latest = self.manager.latest_checkpoint
-    kept = (f"the last good checkpoint is kept: {latest}" if latest else
-            "no checkpoint was saved before it")
-    losses = train_loop.format_losses(bad_losses)
-    if reason == "non-finite":
-      return train_loop.NonFiniteLossError(
-          f"non-finite loss at step {step} ({losses}); training stopped, "
-          f"{kept}")
     limit = self._guard.limit()
     if limit is None:
       limit = self._guard.limit_from_first(self._first_loss)
-    return train_loop.LossExplosionError(
-        f"loss explosion at step {step}: "
-        f"{self._guard.describe(bad_losses['total_loss'], limit)} ({losses}); "
-        f"training stopped, {kept} (nothing is saved once a step explodes). "
-        "Lower the learning rate, or change Experiment.loss_explosion_factor "
-        "(0 = off)")
+    return divergence.stop_error(
+        self._guard, reason, step, bad_losses["total_loss"],
+        train_loop.format_losses(bad_losses), limit,
+        self.manager.latest_checkpoint)
 
   def train(self, until_step=None):
     """Trains to `until_step` (default total_steps), checkpointing.
