@@ -17,7 +17,7 @@ Writes, in --output_dir:
     >= --score_threshold drawn: masks (pasted with the outer boxes, > 0.5),
     boxes, and `class name: score` tags; an image whose short side is below
     --min_short_side is drawn enlarged by an integer factor (masks by pixel
-    replication), so the tags stay legible;
+    replication; the long side at most 2048 px), so the tags stay legible;
   coco_results.json: COCO results of every valid detection (all scores, as
     COCO evaluation expects): image_id, category_id, bbox [x, y, w, h] in
     original-image pixels, score, segmentation (compressed RLE);
@@ -78,7 +78,8 @@ def _define_flags():
                       'category id -> name JSON (see --help).')
   flags.DEFINE_integer(
       'min_short_side', 480, 'draw smaller images enlarged by an integer '
-      'factor until their short side is at least this (0: original size).')
+      'factor until their short side is at least this, the long side at '
+      'most 2048 px (0: original size).')
   flags.DEFINE_integer(
       'batch_size', 1, 'images per model call with --checkpoint (a '
       'SavedModel uses its exported batch size).')

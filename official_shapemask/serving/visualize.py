@@ -5,8 +5,8 @@ numpy + OpenCV, host side. Images are RGB uint8 `[H, W, 3]`; boxes
 `[N, H, W]` (e.g. from `official_shapemask.evaluation.paste_instance_masks`).
 
 Small images are drawn enlarged by an integer factor (`drawing_scale`: the
-short side to at least `min_short_side`, 480 px by default), so that tags
-stay legible: the image is resized bilinearly, the masks by pixel
+short side to at least `min_short_side`, 480 px by default, but never the
+long side beyond `MAX_LONG_SIDE`), so that tags stay legible: the image is resized bilinearly, the masks by pixel
 replication (every pixel of a scored mask becomes a factor x factor block;
 nothing is re-pasted), boxes are scaled. Tags (`name: score`) are placed by
 `layout_tags` so that they do not cover each other where the image leaves
@@ -23,6 +23,9 @@ from official_shapemask.serving import label_map as label_map_lib
 
 _GOLDEN_RATIO = 0.618033988749895
 MIN_SHORT_SIDE = 480
+# Enlargement stops where the long side would pass this: a 3 x 2000 strip is
+# drawn as it is, not as a 480 x 320,000 picture.
+MAX_LONG_SIDE = 2048
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -40,12 +43,16 @@ def _label_text(class_id, score, label_map):
 def drawing_scale(height, width, min_short_side=MIN_SHORT_SIDE):
   """The integer factor that brings the short side to >= `min_short_side`.
 
-  Returns 1 for images already that large, or when `min_short_side` is 0 or
-  None (draw at the original size).
+  Capped so that the long side stays within `MAX_LONG_SIDE` (an image whose
+  long side is already longer is not enlarged). Returns 1 for images already
+  that large, or when `min_short_side` is 0 or None (draw at the original
+  size).
   """
   if not min_short_side:
     return 1
-  return max(1, math.ceil(min_short_side / max(1, min(height, width))))
+  wanted = math.ceil(min_short_side / max(1, min(height, width)))
+  room = MAX_LONG_SIDE // max(1, max(height, width))
+  return max(1, min(wanted, room))
 
 
 def enlarge(image, scale):

@@ -17,11 +17,13 @@ def _overlaps(rects):
 @pytest.mark.parametrize("size,minimum,scale", [
     ((160, 160), 480, 3), ((120, 160), 480, 4), ((426, 640), 480, 2),
     ((480, 640), 480, 1), ((1000, 900), 480, 1), ((160, 160), 0, 1),
-    ((100, 300), 250, 3)])
+    ((100, 300), 250, 3), ((3, 2000), 480, 1), ((2000, 3), 480, 1),
+    ((40, 900), 480, 2), ((30, 3000), 480, 1)])
 def test_drawing_scale(size, minimum, scale):
   assert visualize.drawing_scale(*size, min_short_side=minimum) == scale
-  if minimum:
+  if minimum and max(size) * (scale + 1) <= visualize.MAX_LONG_SIDE:
     assert min(size) * scale >= minimum
+  assert scale == 1 or max(size) * scale <= visualize.MAX_LONG_SIDE
 
 
 def test_small_image_drawn_enlarged_with_replicated_masks():
