@@ -17,6 +17,8 @@ TF1_REFERENCE = SHARED / "reference" / "tpu_detection"
 
 # Keep TensorFlow quiet and single-process friendly in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def pytest_collection_modifyitems(config, items):
   """Modules with slow tests run first.
 
