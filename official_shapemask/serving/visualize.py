@@ -6,11 +6,11 @@ numpy + OpenCV, host side. Images are RGB uint8 `[H, W, 3]`; boxes
 
 Small images are drawn enlarged by an integer factor (`drawing_scale`: the
 short side to at least `min_short_side`, 480 px by default, but never the
-long side beyond `MAX_LONG_SIDE`), so that tags stay legible: the image is resized bilinearly, the masks by pixel
-replication (every pixel of a scored mask becomes a factor x factor block;
-nothing is re-pasted), boxes are scaled. Tags (`name: score`) are placed by
-`layout_tags` so that they do not cover each other where the image leaves
-room.
+long side beyond `MAX_LONG_SIDE`), so that tags stay legible: the image is
+resized bilinearly, the masks by pixel replication (every pixel of a scored
+mask becomes a factor x factor block; nothing is re-pasted), boxes are
+scaled. Tags (`name: score`) are placed by `layout_tags` so that they do
+not cover each other where the image leaves room.
 """
 
 import colorsys

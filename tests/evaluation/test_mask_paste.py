@@ -91,7 +91,7 @@ def test_paste_and_encode_equals_full_size_paste_on_edge_cases():
   rng = np.random.default_rng(7)
   height, width = 37, 53
   masks = rng.uniform(size=[10, 16, 16]).astype(np.float32)
-  masks[9] = 1.0
+  masks[9] = 1.0  # Its 1x1 window (last box) is on.
   masks[0] = 1.0  # Full columns: runs go on from one column to the next.
   masks[1] = 0.0  # Nothing above 0.5.
   boxes = np.array([
