@@ -18,6 +18,7 @@ from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
+from official_shapemask.modeling import shapemask_model
 from official_shapemask.training import checkpoints
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
@@ -130,6 +131,21 @@ def validate_init_checkpoint(init_checkpoint, prefix=None,
     raise InvalidInputError(f"init_checkpoint: {e}") from None
 
 
+def _check_choices():
+  """An unknown momentum form or L2 rule, named before anything starts."""
+  form = gin.get_bindings(build_momentum_optimizer).get(
+      "momentum_form", "keras")
+  if form not in MOMENTUM_FORMS:
+    raise InvalidInputError(
+        f"build_momentum_optimizer.momentum_form={form!r} is not one of "
+        f"{', '.join(repr(f) for f in MOMENTUM_FORMS)}")
+  rule = _model_setting("l2_variables")
+  if rule not in shapemask_model.L2_VARIABLE_RULES:
+    raise InvalidInputError(
+        f"build_shapemask_model.l2_variables={rule!r} is not one of "
+        f"{', '.join(repr(r) for r in shapemask_model.L2_VARIABLE_RULES)}")
+
+
 def validate_inputs(mode, train_file_pattern, eval_file_pattern,
                     init_checkpoint, init_checkpoint_prefix=None,
                     init_checkpoint_modules="backbone", print_fn=print):
@@ -141,9 +157,13 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   `mask_crop_size`; a remote one is copied to the local cache first, see
   `shape_prior_files`) and the init checkpoint (`validate_init_checkpoint`).
 
+  Also checks the choice settings `build_momentum_optimizer.momentum_form`
+  and `build_shapemask_model.l2_variables`.
+
   Raises:
-    InvalidInputError: naming the setting and the path.
+    InvalidInputError: naming the setting and the path (or value).
   """
+  _check_choices()
   if mode in ("train", "train_and_eval"):
     _require_records(train_file_pattern, "train_file_pattern", print_fn)
   if mode in ("eval", "train_and_eval"):
