@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from official_shapemask import losses as losses_lib
+from official_shapemask.modeling.layers import batch_norm
 from official_shapemask.ops import box_ops
 
 # Keys of the training labels that the forward pass needs (the mask branch
@@ -94,6 +95,8 @@ class ShapeMaskModel(keras.Model):
       seed's code of November 2019: all but the backbone's batch-norm
       gamma/beta and every bias; the FPN's and heads' batch norms are
       decayed). See `l2_regularized_variables`.
+    batch_groups: int G, how training normalises (`set_batch_groups`);
+      1 = over the whole batch.
   """
 
   def __init__(self,
@@ -109,6 +112,7 @@ class ShapeMaskModel(keras.Model):
                outer_box_scale=1.25,
                l2_weight_decay=1e-4,
                l2_variables="all",
+               batch_groups=1,
                **kwargs):
     super().__init__(**kwargs)
     self.backbone = backbone
@@ -132,6 +136,28 @@ class ShapeMaskModel(keras.Model):
     }
     # Attribute assignment makes Keras track the metrics (reset per epoch).
     self.loss_trackers = list(self._loss_trackers.values())
+    self.set_batch_groups(batch_groups)
+
+  def set_batch_groups(self, num_groups):
+    """Normalise training batches in `num_groups` groups (ghost batches).
+
+    With G > 1 a training batch of B images counts as G replicas of
+    ``B / G`` consecutive images each: every batch norm takes its
+    statistics per group (`batch_norm.BatchNormalization(num_groups=G)`)
+    and `compute_losses` normalises every term within each group, then
+    averages over the groups (`losses.group_sums`). So one device computes
+    what G replicas of the `tf.distribute` loop compute. The engines set it
+    from `Experiment.per_replica_batch_size`, before the step is traced.
+    Inference does not depend on it; B must be a multiple of G in training.
+
+    Args:
+      num_groups: int >= 1.
+    """
+    num_groups = batch_norm.check_num_groups(num_groups)
+    for layer in self._flatten_layers(include_self=False, recursive=True):  # pylint: disable=protected-access
+      if isinstance(layer, batch_norm.BatchNormalization):
+        layer.set_num_groups(num_groups)
+    self.batch_groups = num_groups
 
   def _trackable_children(self, save_type="checkpoint", **kwargs):
     # Called by TensorFlow when it saves or restores a checkpoint/SavedModel.
@@ -234,8 +260,11 @@ class ShapeMaskModel(keras.Model):
       dict of scalars: cls_loss, box_loss, prior_loss, coarse_loss,
       fine_loss, model_loss, l2_loss (over `l2_regularized_variables`) and
       total_loss (= model_loss + l2_loss).
+      With `batch_groups` G > 1 each model term is the mean over the G
+      groups of the term normalised within the group; L2 is added once.
     """
-    terms = dict(self.shapemask_loss(labels, outputs))
+    terms = dict(self.shapemask_loss(labels, outputs,
+                                     num_groups=self.batch_groups))
     terms["l2_loss"] = losses_lib.l2_regularization_loss(
         self.l2_regularized_variables(), self.l2_weight_decay)
     terms["total_loss"] = terms["model_loss"] + terms["l2_loss"]
@@ -315,6 +344,7 @@ class ShapeMaskModel(keras.Model):
         "outer_box_scale": self.outer_box_scale,
         "l2_weight_decay": self.l2_weight_decay,
         "l2_variables": self.l2_variables,
+        "batch_groups": self.batch_groups,
     })
     return config
 

@@ -189,6 +189,63 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
                              init_checkpoint_modules)
 
 
+def check_per_replica_batch_size(per_replica_batch_size, train_batch_size):
+  """Checks `Experiment.per_replica_batch_size` against the global batch.
+
+  Raises:
+    InvalidInputError: one line naming the numbers: not a positive integer,
+      not dividing `train_batch_size`, or combined with
+      `build_shapemask_model.use_sync_bn` (statistics over all replicas).
+  """
+  size = per_replica_batch_size
+  if size is None:
+    return
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise InvalidInputError(
+        f"Experiment.per_replica_batch_size={size!r} is not a positive "
+        "integer (or None)")
+  if train_batch_size % size:
+    raise InvalidInputError(
+        f"train_batch_size={train_batch_size} is not a multiple of "
+        f"Experiment.per_replica_batch_size={size}")
+  if _model_setting("use_sync_bn"):
+    raise InvalidInputError(
+        f"Experiment.per_replica_batch_size={size} asks for batch-norm "
+        "statistics over groups of that many images, but "
+        "build_shapemask_model.use_sync_bn=True takes them over all "
+        "replicas: unset one of the two")
+
+
+def batch_groups(batch_size, per_replica_batch_size, what=None):
+  """Groups of `per_replica_batch_size` images in a batch of `batch_size`.
+
+  The group count of `ShapeMaskModel.set_batch_groups`: batch-norm
+  statistics and loss normalisers over groups of `per_replica_batch_size`
+  images. The TensorFlow loop passes its per-replica batch, the JAX engine
+  its global batch.
+
+  Args:
+    batch_size: int, the images one step of the model sees.
+    per_replica_batch_size: int or None (None: one group, the whole batch).
+    what: the batch with its size, for the error message (default
+      `train_batch_size=<batch_size>`).
+
+  Returns:
+    int >= 1.
+
+  Raises:
+    InvalidInputError: `batch_size` is not a multiple of it (one line
+      naming both numbers).
+  """
+  if per_replica_batch_size is None:
+    return 1
+  if batch_size % per_replica_batch_size:
+    raise InvalidInputError(
+        f"{what or f'train_batch_size={batch_size}'} is not a multiple of "
+        f"Experiment.per_replica_batch_size={per_replica_batch_size}")
+  return batch_size // per_replica_batch_size
+
+
 def model_input_settings(model):
   """Parser settings that must agree with the model's anchors and sizes."""
   anchors = model.detection_generator.get_config()
@@ -273,6 +330,12 @@ class Experiment:
     val_json_file: COCO annotation JSON for evaluation; None = ground truth
       from the evaluation records themselves.
     train_batch_size: global batch size.
+    per_replica_batch_size: batch-norm statistics and loss normalisers are
+      taken over groups of this many images, in both engines (the seed: 8,
+      one TPU core's batch). The TensorFlow loop splits each replica's batch
+      (a multiple of it) into such groups, the JAX engine the global batch
+      (`ShapeMaskModel.set_batch_groups`). None = each engine's own unit:
+      the replica's batch (TensorFlow loop), the global batch (JAX).
     eval_batch_size: evaluation batch size.
     total_steps: steps to train to (a resumed run continues to this step).
     steps_per_loop: steps per host call and per progress line.
@@ -310,6 +373,7 @@ class Experiment:
                eval_file_pattern=None,
                val_json_file=None,
                train_batch_size=64,
+               per_replica_batch_size=None,
                eval_batch_size=8,
                total_steps=45000,
                steps_per_loop=100,
@@ -334,6 +398,7 @@ class Experiment:
     self.eval_file_pattern = eval_file_pattern
     self.val_json_file = val_json_file
     self.train_batch_size = int(train_batch_size)
+    self.per_replica_batch_size = per_replica_batch_size
     self.eval_batch_size = int(eval_batch_size)
     self.total_steps = int(total_steps)
     self.steps_per_loop = int(steps_per_loop)
@@ -368,9 +433,19 @@ class Experiment:
                     self.init_checkpoint if mode != "eval" else None,
                     self.init_checkpoint_prefix, self.init_checkpoint_modules,
                     print_fn=self.print_fn)
+    if mode != "eval":
+      check_per_replica_batch_size(self.per_replica_batch_size,
+                                   self.train_batch_size)
+      replicas = strategies.known_num_replicas(self.strategy_name)
+      if replicas:  # one_device, mirrored: checked before anything starts.
+        self._replica_batch_groups(replicas)
     self.timer = train_loop.Timer()  # The seed's clock starts...
     self.strategy = strategies.build_strategy(self.strategy_name, tpu=self.tpu)
     self.chief = strategies.is_chief(self.strategy)
+    groups = 1
+    if mode != "eval":
+      groups = self._replica_batch_groups(
+          self.strategy.num_replicas_in_sync)
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if self.use_bfloat16 else "float32")
     with self.strategy.scope():
@@ -378,6 +453,7 @@ class Experiment:
       with strategies.replica_consistent_state():
         self.model = factory.build_shapemask_model(
             **self.model_overrides(say=mode != "eval"))
+      self.model.set_batch_groups(groups)
       self.optimizer = build_momentum_optimizer()
       self.optimizer.build(self.model.trainable_variables)
       self.checkpoint = tf.train.Checkpoint(model=self.model,
@@ -394,6 +470,18 @@ class Experiment:
     self._config = operative_config.TrainingConfigRecorder(
         self.model_dir, enabled=self.chief, print_fn=self.print_fn)
     return self
+
+  def _replica_batch_groups(self, replicas):
+    """Groups per replica batch (`batch_groups`) with `replicas` replicas."""
+    if self.train_batch_size % replicas:
+      raise InvalidInputError(
+          f"train_batch_size={self.train_batch_size} is not a multiple of "
+          f"the {replicas} replicas")
+    per_replica = self.train_batch_size // replicas
+    return batch_groups(
+        per_replica, self.per_replica_batch_size,
+        f"the per-replica batch of {per_replica} images (train_batch_size="
+        f"{self.train_batch_size} over {replicas} replicas)")
 
   def model_overrides(self, say=True):
     """`build_shapemask_model` overrides (both engines build with these):

@@ -19,7 +19,11 @@ What differs is the machinery:
 * Step: `jax_step.TrainStep`, one compiled step per batch, on the
   `compute_losses` of the model (the loss of the TensorFlow loop), the
   gin-configured optimizer and schedule, gradient clip, frozen variables and
-  precision policy. Progress lines, TensorBoard scalars and the final timing
+  precision policy. With `Experiment.per_replica_batch_size` set, the global
+  batch is normalised in `global / per_replica_batch_size` groups (batch
+  norm and loss normalisers, `ShapeMaskModel.set_batch_groups`), so any
+  number of devices computes what the TensorFlow loop computes on replicas
+  of that batch; unset, over the whole global batch. Progress lines, TensorBoard scalars and the final timing
   line are the TensorFlow loop's (`train_loop.ProgressLogger`).
 * Checkpoints: Orbax (`jax_checkpoints`), asynchronous, in
   `model_dir/checkpoints/<step>`; the end of training also writes
@@ -164,6 +168,12 @@ class JaxExperiment:
                                s.init_checkpoint if mode != "eval" else None,
                                s.init_checkpoint_prefix,
                                s.init_checkpoint_modules)
+    groups = 1
+    if mode != "eval":
+      experiment.check_per_replica_batch_size(s.per_replica_batch_size,
+                                              self.train_batch_size)
+      groups = experiment.batch_groups(self.train_batch_size,
+                                       s.per_replica_batch_size)
     self._mode = mode
     self.timer = train_loop.Timer()  # The seed's clock starts...
     self.num_processes = initialize_multi_host()
@@ -179,6 +189,8 @@ class JaxExperiment:
         "mixed_bfloat16" if self.use_bfloat16 else "float32")
     self.model = factory.build_shapemask_model(
         **s.model_overrides(say=mode != "eval"))
+    # Per-replica statistics and loss normalisers over the global batch.
+    self.model.set_batch_groups(groups)
     self.optimizer = experiment.build_momentum_optimizer()
     lr = self.optimizer.get_config()["learning_rate"]
     self._schedule = (keras.optimizers.schedules.deserialize(lr)

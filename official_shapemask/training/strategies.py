@@ -44,10 +44,7 @@ def build_strategy(name="one_device", tpu=None, device=None):
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   if name == "mirrored":
-    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
-    if not devices:  # Several logical CPUs only when configured so.
-      devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.MirroredStrategy(mirrored_devices())
   if name == "multi_worker":
     if "TF_CONFIG" not in os.environ:
       raise ValueError("--strategy=multi_worker needs the TF_CONFIG "
@@ -60,6 +57,27 @@ def build_strategy(name="one_device", tpu=None, device=None):
   if device is None:
     device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
   return tf.distribute.OneDeviceStrategy(device)
+
+
+def mirrored_devices():
+  """The devices of `mirrored`: the local GPUs, else the logical CPUs."""
+  devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+  if not devices:  # Several logical CPUs only when configured so.
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+  return devices
+
+
+def known_num_replicas(name):
+  """Replicas of strategy `name` if known without starting it, else None.
+
+  `one_device`: 1; `mirrored`: its local devices; `tpu` and `multi_worker`
+  learn theirs when they start (None).
+  """
+  if name == "one_device":
+    return 1
+  if name == "mirrored":
+    return len(mirrored_devices())
+  return None
 
 
 @contextlib.contextmanager
