@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,7 @@ def jax_run(tiny_train_records, tiny_val_records, tmp_path_factory):
                          capture_output=True, text=True, timeout=TIMEOUT,
                          check=False)
   return dict(model_dir=model_dir, first_rc=first.returncode,
+              first_pid=first.pid,
               first_log=log_path.read_text(), killed=killed, second=second,
               second_wall=second_wall, third=third,
               trained_metrics=trained_metrics)
@@ -130,6 +132,12 @@ def test_kill_9_then_the_same_command_resumes_and_finishes(jax_run):
   assert (f"Resumed from {checkpoints / str(resumed_at)} at step "
           f"{resumed_at}") in out
   assert "JAX engine: 2 cpu device(s) in 1 process(es), float32" in out
+  # The killed run's lock file is taken over, saying so, and released.
+  lock = run["model_dir"] / "train.lock"
+  assert (f"Took over {lock} from a training run that is no longer running "
+          f"(host {socket.gethostname()}, pid {run['first_pid']}, started "
+          ) in out
+  assert not lock.exists()
   steps = [int(m.group(1)) for m in _progress(out)]
   assert steps == list(range(resumed_at + EVERY, TOTAL + 1, EVERY))
   assert _steps(run["model_dir"])[-1] == TOTAL
