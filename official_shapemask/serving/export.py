@@ -202,7 +202,15 @@ def restore_model(model, checkpoint):
   if (tf.io.gfile.isdir(checkpoint) and
       tf.train.latest_checkpoint(checkpoint) is None):
     # A JAX-engine model directory: its weights file for export.
-    checkpoint = checkpoints.latest_model_weights(checkpoint) or checkpoint
+    weights = checkpoints.latest_model_weights(checkpoint)
+    if weights is None and _orbax_checkpoints(checkpoint):
+      raise FileNotFoundError(
+          f'{checkpoint} holds JAX-engine (Orbax) checkpoints, which export '
+          'and predict do not read; they read the '
+          'shapemask-<step>.weights.h5 that a JAX run writes into its '
+          'model_dir when it reaches its total steps (--checkpoint=<model_dir> '
+          'finds the newest)')
+    checkpoint = weights or checkpoint
   path = checkpoints.resolve_checkpoint(checkpoint)
   if checkpoints.is_keras_weights_file(path):
     return checkpoints.load_model_weights(model, path)
@@ -232,6 +240,17 @@ def restore_model(model, checkpoint):
         f'dicts), e.g. {", ".join(untracked[:3])}. Refusing to export '
         f'{path} with uninitialised weights.')
   return path
+
+
+def _orbax_checkpoints(path):
+  """Whether `path` is a JAX run's model_dir, its `checkpoints/` folder or
+  one of its steps (Orbax folders: `checkpoints/<step>/state`)."""
+  def has_steps(folder):
+    return tf.io.gfile.isdir(folder) and any(
+        name.rstrip('/').isdigit() for name in tf.io.gfile.listdir(folder))
+
+  return (has_steps(os.path.join(path, 'checkpoints')) or has_steps(path) or
+          tf.io.gfile.isdir(os.path.join(path, 'state')))
 
 
 def untracked_variables(model):

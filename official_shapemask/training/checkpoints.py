@@ -211,7 +211,8 @@ def load_model_weights(model, path):
 
   Raises:
     ValueError: naming the file, when its layout or shapes differ from the
-      model's.
+      model's, or when it cannot be read (truncated, overwritten: HDF5
+      reports it as an OSError).
   """
   with tempfile.TemporaryDirectory() as scratch:
     local = path
@@ -220,6 +221,13 @@ def load_model_weights(model, path):
       tf.io.gfile.copy(path, local)
     try:
       model.load_weights(local)
+    except (OSError, KeyError, RuntimeError) as e:
+      # h5py: "Unable to synchronously open file (truncated file ...)",
+      # a damaged object or dataset.
+      raise ValueError(
+          f"weights file {path} cannot be read ({first_line(e)}); write it "
+          "again (a JAX run writes it when it reaches its total steps) or "
+          "give another one") from None
     except ValueError as e:
       raise ValueError(
           f"weights file {path} does not match the model built from the gin "

@@ -204,9 +204,12 @@ class JaxExperiment:
     return self
 
   def _restore_or_initialize(self):
-    latest = self.manager.latest_step()
-    if latest is not None:
-      state, step = self.manager.restore(latest)
+    # The newest readable step; damaged newer ones are named and, by the
+    # chief, moved into model_dir/unreadable (the others only skip them).
+    restored = self.manager.restore_newest_readable(
+        move_unreadable=self.chief, print_fn=self.print_fn)
+    if restored is not None:
+      state, step = restored
       self.train_step.assign(state)
       self._step = step
       self._resumed = True
@@ -458,6 +461,10 @@ class JaxExperiment:
 
     Writes the operative config to `model_dir/eval_config.gin` (never
     `config.gin`, the training run's).
+
+    Raises:
+      experiment.InvalidInputError: naming the checkpoint, when it cannot
+        be read or does not match the model.
     """
     step = int(os.path.basename(os.path.normpath(checkpoint_path)))
     state, self._step = self.manager.restore(step)
@@ -467,16 +474,24 @@ class JaxExperiment:
     return self._step
 
   def restore_latest(self):
-    """Restores the newest checkpoint of `model_dir` (evaluation).
+    """Restores the newest readable checkpoint of `model_dir` (evaluation).
+
+    A damaged newer checkpoint is named and left where it is.
 
     Raises:
-      experiment.InvalidInputError: `model_dir` holds no checkpoint.
+      experiment.InvalidInputError: `model_dir` holds no checkpoint, none
+        can be read, or the newest readable one does not match the model
+        (named).
     """
-    latest = self.latest_checkpoint()
-    if latest is None:
+    restored = self.manager.restore_newest_readable(
+        move_unreadable=False, print_fn=self.print_fn)
+    if restored is None:
       raise experiment.InvalidInputError(f"no checkpoint in {self.model_dir}")
-    self.restore(latest)
-    return latest
+    state, self._step = restored
+    self.state = self.train_step.place(state)
+    if self.chief:
+      operative_config.write_eval_config(self.model_dir)
+    return self.manager.path(self._step)
 
   @property
   def trained_steps(self):

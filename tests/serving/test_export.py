@@ -312,6 +312,41 @@ def test_restore_names_a_damaged_checkpoint(planted, tmp_path, how):
   assert "\n" not in message
 
 
+def test_damaged_jax_weights_file_is_named(planted, tmp_path):
+  """The weights a JAX run leaves for export, truncated: one line."""
+  weights = checkpoints.model_weights_path(str(tmp_path), 20)
+  planted["model"].save_weights(weights)
+  data = pathlib.Path(weights).read_bytes()
+  pathlib.Path(weights).write_bytes(data[:len(data) // 2])
+  gin_utils.parse_config(GIN_FILES, GIN_BINDINGS)
+  try:
+    fresh = factory.build_shapemask_model()
+  finally:
+    gin.clear_config()
+  for checkpoint in (str(tmp_path), weights):
+    with pytest.raises(ValueError) as err:
+      export.restore_model(fresh, checkpoint)
+    message = str(err.value)
+    assert message.startswith(f"weights file {weights} cannot be read ("), (
+        message)
+    assert "\n" not in message
+
+
+def test_jax_orbax_checkpoints_are_named_not_read(planted, tmp_path):
+  """A JAX run's model_dir before its weights file exists, or an Orbax
+  step given directly: one line saying what export reads instead."""
+  step = tmp_path / "run" / "checkpoints" / "15"
+  (step / "state").mkdir(parents=True)
+  for path in (tmp_path / "run", step):
+    with pytest.raises(FileNotFoundError) as err:
+      export.restore_model(planted["model"], str(path))
+    assert str(err.value) == (
+        f"{path} holds JAX-engine (Orbax) checkpoints, which export and "
+        "predict do not read; they read the shapemask-<step>.weights.h5 "
+        "that a JAX run writes into its model_dir when it reaches its total "
+        "steps (--checkpoint=<model_dir> finds the newest)")
+
+
 def test_export_refuses_non_empty_dir(planted, tmp_path):
   (tmp_path / "keep.txt").write_text("not a SavedModel")
   with pytest.raises(FileExistsError, match="overwrite"):
