@@ -77,12 +77,13 @@ def hide_accelerators_from_tensorflow():
 
 
 def initialize_multi_host():
-  """Joins the other processes when `KERAS_DISTRIBUTION_*` is set.
+  """Joins the other processes when `KERAS_DISTRIBUTION_*` is set (once).
 
   Returns:
     the number of processes.
   """
-  if any(os.environ.get(name) for name in _DISTRIBUTION_ENV):
+  if (any(os.environ.get(name) for name in _DISTRIBUTION_ENV) and
+      not jax.distributed.is_initialized()):
     keras.distribution.initialize()
   return jax.process_count()
 
@@ -156,6 +157,15 @@ class JaxExperiment:
     self._evaluator = None
 
   # ------------------------------------------------------------------ setup
+  def join_processes(self):
+    """Joins the other processes of a multi-host run; this one's index.
+
+    A TPU pod's processes learn their index only here (no
+    `KERAS_DISTRIBUTION_PROCESS_ID` is set), so the run lock asks this.
+    """
+    self.num_processes = initialize_multi_host()
+    return jax.process_index()
+
   def start(self, mode):
     """Validates inputs, joins the processes, builds and restores."""
     s = self.settings

@@ -101,7 +101,11 @@ def run(mode, model_dir, strategy_name="one_device", tpu=None, eval_timeout=0,
     exp = jax_engine.JaxExperiment(exp)
   if mode == "eval":
     return evaluate(exp, eval_timeout, print_fn)
-  chief = run_lock.chief_process(strategy_name, backend)
+  # A JAX process learns its index when it joins the others (a TPU pod
+  # sets no KERAS_DISTRIBUTION_PROCESS_ID).
+  chief = run_lock.chief_process(
+      strategy_name, backend,
+      process_index=exp.join_processes() if backend == "jax" else None)
   with run_lock.hold(model_dir, chief=chief, print_fn=print_fn):
     if mode == "train":
       return train(exp, print_fn)

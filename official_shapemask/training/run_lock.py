@@ -15,9 +15,11 @@ before it restores anything until it ends (`hold`), for either engine:
   delete the file once that run is known to be over.
 * `--mode=eval` reads only: it neither takes the lock nor waits for it.
 * Only the chief process holds the lock: TF_CONFIG's chief (or worker 0
-  when the cluster has no chief) of a `multi_worker` run, process 0
-  (`KERAS_DISTRIBUTION_PROCESS_ID`) of a multi-host JAX run; the others
-  hold nothing (`chief_process`).
+  when the cluster has no chief) of a `multi_worker` run, process 0 of a
+  multi-host JAX run (its index once the processes joined); the others
+  hold nothing (`chief_process`). A second multi-host JAX job on the same
+  directory stops on its process 0; its other processes then fail to
+  reach it.
 
 Remote directories (`gs://...`, anything with `://`) have no file locks.
 There the lock is an object written with `tf.io.gfile` and read back after
@@ -126,16 +128,20 @@ def remove_if_empty(created):
 
 
 def chief_process(strategy_name="one_device", backend="tensorflow",
-                  environ=None):
+                  environ=None, process_index=None):
   """Whether this process is the one that holds the run's lock.
 
   TensorFlow `multi_worker`: TF_CONFIG's `chief` task, or worker 0 when the
   cluster has no chief (evaluators and other workers hold nothing).
-  JAX: process 0 of `KERAS_DISTRIBUTION_PROCESS_ID` (unset: a single
-  process). Every other case: True.
+  JAX: process 0, from `process_index` (`jax.process_index()` once the
+  processes joined; a TPU pod sets no id) or else
+  `KERAS_DISTRIBUTION_PROCESS_ID` (unset: a single process). Every other
+  case: True.
   """
   environ = os.environ if environ is None else environ
   if backend == "jax":
+    if process_index is not None:
+      return int(process_index) == 0
     return int(environ.get("KERAS_DISTRIBUTION_PROCESS_ID") or 0) == 0
   if strategy_name != "multi_worker":
     return True
@@ -144,11 +150,16 @@ def chief_process(strategy_name="one_device", backend="tensorflow",
   except ValueError:
     return True  # The strategy names the bad TF_CONFIG when it starts.
   task = config.get("task") or {}
-  task_type, index = task.get("type"), int(task.get("index") or 0)
+  return is_chief_task(task.get("type"), int(task.get("index") or 0),
+                       config.get("cluster") or {})
+
+
+def is_chief_task(task_type, index, cluster):
+  """The chief of a tf.distribute cluster: its `chief` task, or worker 0
+  when `cluster` (job name -> addresses) has no chief job."""
   if task_type in (None, "chief"):
     return True
-  return (task_type == "worker" and index == 0 and
-          "chief" not in (config.get("cluster") or {}))
+  return task_type == "worker" and index == 0 and "chief" not in cluster
 
 
 def _process_start(pid):

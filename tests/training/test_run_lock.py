@@ -225,6 +225,14 @@ def test_only_the_chief_holds_the_lock(strategy, backend, environ, chief):
   assert run_lock.chief_process(strategy, backend, environ) is chief
 
 
+def test_jax_process_index_decides_once_the_processes_joined():
+  # A TPU pod sets only the process count; JAX finds each index.
+  pod = {"KERAS_DISTRIBUTION_NUM_PROCESSES": "4"}
+  assert run_lock.chief_process("one_device", "jax", pod, process_index=0)
+  assert not run_lock.chief_process("one_device", "jax", pod,
+                                    process_index=2)
+
+
 def test_non_chief_processes_hold_nothing(tmp_path):
   holder = Holder(tmp_path)
   try:
