@@ -17,9 +17,9 @@ before it restores anything until it ends (`hold`), for either engine:
 * Only the chief process holds the lock: TF_CONFIG's chief (or worker 0
   when the cluster has no chief) of a `multi_worker` run, process 0 of a
   multi-host JAX run (its index once the processes joined); the others
-  hold nothing (`chief_process`). A second multi-host JAX job on the same
-  directory stops on its process 0; its other processes then fail to
-  reach it.
+  hold nothing (`chief_process`). A second multi-worker or multi-host job
+  on the same directory stops on its chief; its other processes then wait
+  for a chief that is gone until their own timeouts end them.
 
 Remote directories (`gs://...`, anything with `://`) have no file locks.
 There the lock is an object written with `tf.io.gfile` and read back after
