@@ -234,12 +234,14 @@ def test_jax_process_index_decides_once_the_processes_joined():
 
 
 def test_non_chief_processes_hold_nothing(tmp_path):
-  holder = Holder(tmp_path)
-  try:
-    with run_lock.hold(str(tmp_path), chief=False) as lock:
-      assert lock is None
-  finally:
-    holder.stop()
+  # Held by the chief on another host: a worker that tried to take it
+  # would stop.
+  lock_file = tmp_path / run_lock.LOCK_FILE
+  text = json.dumps({"host": "chief-host", "pid": 1, "started": "now"})
+  lock_file.write_text(text)
+  with run_lock.hold(str(tmp_path), chief=False) as lock:
+    assert lock is None
+  assert lock_file.read_text() == text
 
 
 # ------------------------------------------------------------ train.py CLI
