@@ -70,6 +70,7 @@ def main(argv):
   from official_shapemask.training import experiment
   from official_shapemask.training import gin_utils
   from official_shapemask.training import modes
+  from official_shapemask.training import run_lock
   from official_shapemask.training import train_loop
   try:
     gin_utils.parse_config(_GIN_FILES.value, _BINDINGS.value)
@@ -77,8 +78,9 @@ def main(argv):
               strategy_name=_STRATEGY.value, tpu=_TPU.value,
               eval_timeout=_EVAL_TIMEOUT.value)
   except (gin_utils.ConfigError, experiment.InvalidInputError,
-          train_loop.DivergenceError) as e:
-    # Configuration and input errors, and a diverged run: one clear line.
+          train_loop.DivergenceError, run_lock.RunDirError) as e:
+    # Configuration and input errors, a model_dir that cannot be used
+    # (another run holds it), and a diverged run: one clear line.
     sys.exit(f"train.py: error: {e}")
 
 

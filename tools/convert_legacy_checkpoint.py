@@ -89,6 +89,8 @@ def convert(legacy_model_dir=None,
   from official_shapemask.serving import legacy_shapemask
 
   say = print_fn or (lambda *a, **k: None)
+  if output:  # Before the slow part: never into a training run's directory.
+    legacy_converter.check_output(output)
   params_path = legacy_params or legacy_model_dir
   if not params_path:
     raise ValueError("give --legacy_model_dir or --legacy_params")
@@ -134,14 +136,18 @@ def convert(legacy_model_dir=None,
 
 def main(argv):
   del argv
-  _, _, parity = convert(
-      legacy_model_dir=FLAGS.legacy_model_dir,
-      legacy_params=FLAGS.legacy_params,
-      legacy_checkpoint=FLAGS.legacy_checkpoint,
-      shape_prior_path=FLAGS.shape_prior_path,
-      output=FLAGS.output,
-      verify_batch_size=FLAGS.verify_batch_size if FLAGS.verify else 0,
-      print_mapping=FLAGS.print_mapping)
+  try:
+    _, _, parity = convert(
+        legacy_model_dir=FLAGS.legacy_model_dir,
+        legacy_params=FLAGS.legacy_params,
+        legacy_checkpoint=FLAGS.legacy_checkpoint,
+        shape_prior_path=FLAGS.shape_prior_path,
+        output=FLAGS.output,
+        verify_batch_size=FLAGS.verify_batch_size if FLAGS.verify else 0,
+        print_mapping=FLAGS.print_mapping)
+  except (OSError, ValueError) as e:  # FileNotFoundError is an OSError.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   if parity is not None and FLAGS.verify_json:
     tmp = FLAGS.verify_json + ".tmp"
     with open(tmp, "w") as f:

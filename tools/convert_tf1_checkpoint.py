@@ -103,6 +103,8 @@ def convert(checkpoint, output, gin_files=(), gin_bindings=(), prefix=None,
   from official_shapemask.training import shape_prior_files
   # pylint: enable=g-import-not-at-top
   say = print_fn or (lambda *a, **k: None)
+  if output:  # Before the slow part: never into a training run's directory.
+    legacy_converter.check_output(output)
   with gin.unlock_config():
     gin.clear_config()
   gin_utils.parse_config(list(gin_files), list(gin_bindings))

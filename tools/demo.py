@@ -11,7 +11,10 @@ Steps, each with the project's own command-line tools:
    tile the drawings into one picture (contact_sheet.png).
 
 Everything goes under --output_dir; the last line reads
-`mask_AP=<value> box_AP=<value> minutes=<value>`.
+`mask_AP=<value> box_AP=<value> minutes=<value>`. A second run replaces
+the first one's outputs (its run/ is trained afresh unless --nofresh), so
+the demo writes only into a new or empty directory or one it wrote before
+(marked by its `.shapemask_demo` file); any other directory is refused.
 
   python tools/demo.py --output_dir=demo_out
 """
@@ -43,6 +46,36 @@ _NUM_PREDICT = flags.DEFINE_integer("num_predict", 6,
 _FRESH = flags.DEFINE_bool(
     "fresh", True, "start training from scratch (False resumes the run in "
     "output_dir/run)")
+
+
+MARKER = ".shapemask_demo"
+
+
+def check_output_dir(out, records):
+  """Stops the demo unless `out` is new, empty or an earlier demo's.
+
+  An earlier demo's directory carries MARKER, or (written before the
+  marker existed) a `run/config.gin` trained on its own `records`.
+  """
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise SystemExit(f"demo: --output_dir {out} is a file; give a new or "
+                     "empty directory")
+  names = sorted(os.listdir(out))
+  if not names or MARKER in names:
+    return
+  config = os.path.join(out, "run", "config.gin")
+  if os.path.isfile(config):
+    with open(config) as f:
+      if f"TRAIN_FILE_PATTERN = '{records}/train-*'" in f.read():
+        return
+  shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more"
+                                  if len(names) > 4 else "")
+  raise SystemExit(
+      f"demo: --output_dir {out} holds files the demo did not write "
+      f"({shown}; no {MARKER}), and the demo replaces its run/ and "
+      "predict_inputs/ there: give a new or empty directory")
 
 
 def _run(title, args):
@@ -82,9 +115,13 @@ def main(argv):
   data, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
   records, pictures = os.path.join(data, "records"), os.path.join(
       out, "predictions")
+  check_output_dir(out, records)
   os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, MARKER), "w") as f:
+    f.write("written by tools/demo.py: a later demo may replace what is "
+            "here\n")
   if _FRESH.value and os.path.isdir(run_dir):
-    shutil.rmtree(run_dir)
+    shutil.rmtree(run_dir)  # The demo's own run (checked above).
 
   _run("1/6 synthetic COCO dataset", [
       "tools/make_synthetic_coco.py", f"--output_dir={data}",

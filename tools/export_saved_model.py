@@ -21,7 +21,9 @@ detection_outer_boxes_original (original-image pixels).
 B is --batch_size (default 1; 0 = any batch size).
 
 The export is written to a temporary directory next to --export_dir and
-renamed into place when complete.
+renamed into place when complete. --overwrite replaces an earlier SavedModel
+only: a directory holding anything else (a training run's checkpoints,
+config.gin, logs) is refused, before the checkpoint is read.
 """
 
 import os
@@ -56,7 +58,8 @@ def _define_flags():
       'batch_size', 1, 'static batch size of the signatures; 0 = dynamic '
       '(any batch size).')
   flags.DEFINE_bool('overwrite', False,
-                    'replace an existing non-empty --export_dir.')
+                    'replace an earlier SavedModel in --export_dir (never a '
+                    'directory holding anything else).')
 
 
 def main(argv):
@@ -71,9 +74,12 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from official_shapemask.modeling import factory
   from official_shapemask.serving import export
+  from official_shapemask.serving import export_dirs
   from official_shapemask.training import gin_utils
   from official_shapemask.training import shape_prior_files
   try:
+    # Before anything is read: a wrong --export_dir fails at once.
+    export_dirs.check_export_dir(FLAGS.export_dir, FLAGS.overwrite)
     gin_utils.parse_config(FLAGS.gin_file, FLAGS.gin_bindings)
     model = factory.build_shapemask_model(
         **shape_prior_files.model_overrides())
@@ -92,6 +98,8 @@ def main(argv):
   print(f'  serving_default / image_tensor: images uint8 [{batch}, H, W, 3]')
   print(f'  image_bytes: image_bytes string [{batch}]')
   print(f'  outputs: {", ".join(result["outputs"])}')
+  if result['left_over']:
+    print(f'The earlier export could not be deleted: {result["left_over"]}')
   return 0
 
 

@@ -236,6 +236,34 @@ def restore_legacy_checkpoint(legacy_model, checkpoint_path):
   return path
 
 
+# Entries that make a directory a training run's model directory (a
+# TensorFlow checkpoint list, the JAX engine's Orbax folder, the run's
+# operative config).
+_RUN_MARKERS = ("checkpoint", "checkpoints", "config.gin")
+
+
+def check_output(output_path):
+  """Refuses an output inside a training run's model directory.
+
+  A converted checkpoint written there could replace the run's own
+  checkpoint files (`ckpt-N.*`, `shapemask-N.weights.h5`).
+
+  Raises:
+    ValueError: one line naming the output and what marks the directory.
+  """
+  import os
+
+  import tensorflow as tf
+  directory = os.path.dirname(output_path) or "."
+  found = [name for name in _RUN_MARKERS
+           if tf.io.gfile.exists(os.path.join(directory, name))]
+  if found:
+    raise ValueError(
+        f"--output={output_path} would write into {directory}, a training "
+        f"run's model directory (it holds {', '.join(found)}), and could "
+        "replace its checkpoints; give a path in another directory")
+
+
 def save_model_weights(model, output_path):
   """Writes our weights atomically; returns the files written.
 
@@ -252,6 +280,7 @@ def save_model_weights(model, output_path):
   import uuid
 
   import tensorflow as tf
+  check_output(output_path)
   directory = os.path.dirname(output_path)
   if directory:
     tf.io.gfile.makedirs(directory)

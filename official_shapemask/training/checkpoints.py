@@ -211,7 +211,8 @@ def load_model_weights(model, path):
 
   Raises:
     ValueError: naming the file, when its layout or shapes differ from the
-      model's.
+      model's, or when it cannot be read (truncated, overwritten: HDF5
+      reports it as an OSError).
   """
   with tempfile.TemporaryDirectory() as scratch:
     local = path
@@ -220,6 +221,13 @@ def load_model_weights(model, path):
       tf.io.gfile.copy(path, local)
     try:
       model.load_weights(local)
+    except (OSError, KeyError, RuntimeError) as e:
+      # h5py: "Unable to synchronously open file (truncated file ...)",
+      # a damaged object or dataset.
+      raise ValueError(
+          f"weights file {path} cannot be read ({first_line(e)}); write it "
+          "again (a JAX run writes it when it reaches its total steps) or "
+          "give another one") from None
     except ValueError as e:
       raise ValueError(
           f"weights file {path} does not match the model built from the gin "
@@ -306,6 +314,21 @@ UNREADABLE_DIR = "unreadable"
 # staging folder `<prefix>_temp/` and the checkpoint state file's
 # temporary copy.
 _INTERRUPTED_SAVE = re.compile(r"(.+-\d+_temp|checkpoint\.tmp[0-9a-f]+)")
+# What TensorFlow writes inside a staging folder: `part-<shard>` files.
+_STAGED_PART = re.compile(r"part-\d+-of-\d+(\.index|\.data-\d+-of-\d+)?")
+
+
+def _is_interrupted_save(directory, name):
+  """A killed save's leftover: a state-file copy, or a staging folder that
+  holds nothing but TensorFlow's `part-*` files (anything else in it is
+  not ours to delete)."""
+  if not _INTERRUPTED_SAVE.fullmatch(name):
+    return False
+  path = os.path.join(directory, name)
+  if not tf.io.gfile.isdir(path):
+    return name.startswith("checkpoint.tmp")
+  return all(_STAGED_PART.fullmatch(entry.rstrip("/"))
+             for entry in tf.io.gfile.listdir(path))
 
 
 def remove_interrupted_saves(directory):
@@ -318,7 +341,7 @@ def remove_interrupted_saves(directory):
   removed = []
   for name in sorted(tf.io.gfile.listdir(directory)):
     name = name.rstrip("/")
-    if not _INTERRUPTED_SAVE.fullmatch(name):
+    if not _is_interrupted_save(directory, name):
       continue
     path = os.path.join(directory, name)
     if tf.io.gfile.isdir(path):
@@ -350,18 +373,34 @@ def _checkpoint_files(prefix):
       prefix + ".data-*")
 
 
+def _free_prefix(target, name):
+  """`target/name`, or `target/name.2`, ... when files of it exist there."""
+  prefix, n = os.path.join(target, name), 1
+  while tf.io.gfile.glob(prefix + ".*"):
+    n += 1
+    prefix = os.path.join(target, f"{name}.{n}")
+  return prefix
+
+
 def _move_unreadable(directory, prefixes, state):
   """Moves `prefixes`' files to `directory/unreadable/`; rewrites the state.
 
+  Nothing there is replaced: a checkpoint whose name was moved before (the
+  same step saved and damaged again) goes in as `<name>.2`, ... (still a
+  checkpoint prefix with its `.index` and `.data-*` files).
+
   Returns:
-    the folder the files went to.
+    {prefix: the prefix it was moved to}.
   """
   target = os.path.join(directory, UNREADABLE_DIR)
   tf.io.gfile.makedirs(target)
+  moved = {}
   for prefix in prefixes:
+    new_prefix = _free_prefix(target, os.path.basename(prefix))
     for path in _checkpoint_files(prefix):
-      tf.io.gfile.rename(path, os.path.join(target, os.path.basename(path)),
-                         overwrite=True)
+      tf.io.gfile.rename(path, new_prefix + path[len(prefix):],
+                         overwrite=False)
+    moved[prefix] = new_prefix
   gone = set(prefixes)
   paths = list(state.all_model_checkpoint_paths)
   times = list(state.all_model_checkpoint_timestamps)
@@ -375,7 +414,7 @@ def _move_unreadable(directory, prefixes, state):
         last_preserved_timestamp=state.last_preserved_timestamp)
   else:
     tf.io.gfile.remove(os.path.join(directory, "checkpoint"))
-  return target
+  return moved
 
 
 class _Unreadable(Exception):
@@ -469,11 +508,17 @@ def restore_newest_readable(checkpoint, directory, move_unreadable=False,
         f"no checkpoint in {directory} can be read: {details}. Move them "
         f"away to start from scratch, or restore them from a copy")
   if unreadable:
-    where = ""
+    moved = {}
     if move_unreadable:
-      where = (" moved to " + _move_unreadable(
-          directory, [p for p, _ in unreadable], state) + ";")
+      moved = _move_unreadable(directory, [p for p, _ in unreadable], state)
     for prefix, why in unreadable if print_fn is not None else ():
+      where = ""
+      if prefix in moved:
+        target = os.path.dirname(moved[prefix])
+        renamed = os.path.basename(moved[prefix])
+        where = (f" moved to {target}"
+                 + ("" if renamed == os.path.basename(prefix) else
+                    f" as {renamed}") + ";")
       print_fn(f"Checkpoint {prefix} cannot be read ({why});{where} "
                f"using {restored} instead")
   return restored

@@ -19,10 +19,24 @@ The TensorFlow tools (`tools/export_saved_model.py`, `--mode=eval` under the
 TensorFlow backend) read Keras weights files: `write_keras_weights` writes
 the model's weights as `model_dir/shapemask-<step>.weights.h5`, which the
 engine does at the end of every training run.
+
+Damaged checkpoints (`restore_newest_readable`) are handled as the
+TensorFlow engine does (`checkpoints.restore_newest_readable`): a step whose
+files are truncated, overwritten or missing is named in one line (no
+TensorStore traceback), moved into `model_dir/unreadable/checkpoints-<step>`
+when training (never by an evaluation), and the step before it is tried. A
+checkpoint that reads but holds other variables or shapes than the model is
+a mismatch, never damage. Errors that say nothing about the files (storage
+unreachable, permission refused) are not taken for damage.
 """
 
+import contextlib
+import gc
+import json
 import logging
 import os
+import re
+import sys
 import tempfile
 
 import jax
@@ -41,6 +55,67 @@ _GROUPS = ("trainable", "non_trainable", "optimizer")
 
 class CheckpointMismatchError(experiment.InvalidInputError):
   """A checkpoint's variables differ from the model's (names the path)."""
+
+
+class CheckpointUnreadableError(experiment.InvalidInputError):
+  """A checkpoint's files cannot be read (names the path and why)."""
+
+
+UNREADABLE_DIR = checkpoints.UNREADABLE_DIR
+# TensorStore status codes of a file that is missing, cut short or
+# overwritten (`NOT_FOUND: ...`, `DATA_LOSS: ...`, ...).
+_DAMAGE_CODES = re.compile(r"(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|"
+                           r"FAILED_PRECONDITION|INVALID_ARGUMENT): ")
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec.*$")
+
+
+def _is_damage(error):
+  """Whether a read error says the checkpoint's files are bad.
+
+  A missing file (FileNotFoundError), a JSON item cut short or overwritten
+  (JSONDecodeError), TensorStore's file errors, and Orbax's bare
+  `Exception` around them. Storage that is unreachable or refuses
+  (UNAVAILABLE, PERMISSION_DENIED, ...) is not damage.
+  """
+  if isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
+    return True
+  text = str(error).strip()
+  return bool(_DAMAGE_CODES.match(text)) or (
+      type(error) is Exception and "Encountered error while reading" in text)
+
+
+def _why(error):
+  """A short reason for a read error: TensorStore's code and last clause.
+
+  `NOT_FOUND: Error opening "cast" driver: ... : Error reading ... of local
+  file "<path>" [tensorstore_spec=...]` becomes `NOT_FOUND: Error reading
+  ... of local file "<path>"`.
+  """
+  text = (str(error).strip().splitlines() or [""])[0]
+  text = _TENSORSTORE_SPEC.sub("", text)
+  code = re.match(r"([A-Z_]+): ", text)
+  if code:
+    return f"{code.group(1)}: {text.rsplit(': ', 1)[-1]}"
+  return checkpoints.first_line(error) if not text else (
+      f"{type(error).__name__}: {text}")
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Keeps TensorStore's per-array tracebacks of a failed read quiet.
+
+  When one array of a checkpoint cannot be read, Orbax's other read
+  coroutines end with exceptions nobody awaits; Python prints each (with
+  its whole TensorStore spec) through `sys.unraisablehook`, about ten lines
+  per array. The error that `restore` raises says it in one line.
+  """
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    gc.collect()  # Finalises the abandoned coroutines while muted.
+    sys.unraisablehook = previous
 
 
 class _QuietOrbax(logging.Filter):
@@ -75,6 +150,16 @@ def has_checkpoint(model_dir):
              for name in tf.io.gfile.listdir(directory))
 
 
+class _Unreadable(Exception):
+  """A checkpoint's files cannot be read (internal to this module)."""
+
+
+def _handlers():
+  """The two items of a checkpoint: the state arrays and their names."""
+  return {_STATE: ocp.StandardCheckpointHandler(),
+          _META: ocp.JsonCheckpointHandler()}
+
+
 def _variable_names(train_step):
   return {group: [v.path for v in variables]
           for group, variables in zip(_GROUPS, train_step.variables())}
@@ -98,17 +183,18 @@ class CheckpointManager:
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=True)
+    self.model_dir = model_dir
     if read_only and not tf.io.gfile.isdir(self.directory):
       self._manager = None
     else:
       self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                            item_names=(_STATE, _META))
+                                            item_handlers=_handlers())
 
   def _reload(self):
     if self._manager is None and tf.io.gfile.isdir(self.directory):
       self._manager = ocp.CheckpointManager(
           self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
-          item_names=(_STATE, _META))
+          item_handlers=_handlers())
     elif self._manager is not None:
       self._manager.reload()
 
@@ -148,8 +234,11 @@ class CheckpointManager:
 
     Raises:
       FileNotFoundError: no checkpoint (at that step).
-      CheckpointMismatchError: the checkpoint's variables are not the
-        model's (another gin configuration), naming the checkpoint.
+      CheckpointMismatchError: the checkpoint's variables (names, shapes or
+        dtypes) are not the model's (another gin configuration), naming
+        the checkpoint.
+      CheckpointUnreadableError: its files cannot be read (truncated,
+        overwritten, missing), naming the checkpoint and the reason.
     """
     steps = self.all_steps()
     if step is None:
@@ -159,9 +248,36 @@ class CheckpointManager:
     if step not in steps:
       raise FileNotFoundError(
           f"no checkpoint {step} in {self.directory} (has {steps})")
+    try:
+      return self._restore(step), step
+    except _Unreadable as e:
+      raise CheckpointUnreadableError(
+          f"checkpoint {self.path(step)} cannot be read ({e})") from None
+
+  def _read(self, step, what, read):
+    """Runs `read()`; a failure is _Unreadable, unless not about the files."""
+    try:
+      with _quiet_failed_reads():
+        return read()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if _is_damage(e):
+        raise _Unreadable(_why(e)) from None
+      if isinstance(e, (ValueError, OSError)) or type(e) is Exception:
+        # Storage unreachable, permission refused, or an error that does
+        # not say the files are bad: named, and nothing is moved aside.
+        raise CheckpointUnreadableError(
+            f"checkpoint {self.path(step)}: cannot read its {what} "
+            f"({_why(e)}); nothing was moved") from None
+      raise  # A bug, not the checkpoint.
+
+  def _restore(self, step):
+    """Restores `step`; raises _Unreadable or CheckpointMismatchError."""
     path = self.path(step)
-    names = self._manager.restore(step, args=ocp.args.Composite(**{
-        _META: ocp.args.JsonRestore()}))[_META]
+    names = self._read(step, "variable names", lambda: self._manager.restore(
+        step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[
+            _META])
+    if not isinstance(names, dict):
+      raise _Unreadable(f"its {_META} item holds no variable names")
     expected = _variable_names(self.train_step)
     for group in _GROUPS:
       saved, ours = list(names.get(group, [])), expected[group]
@@ -171,19 +287,89 @@ class CheckpointManager:
             f"checkpoint {path} does not match the model built from the gin "
             f"config: {group} variables {len(saved)} saved vs {len(ours)} in "
             f"the model{'; first differences: ' + ', '.join(differ) if differ else ''}")
+    stored = self._read(step, "array metadata",
+                        lambda: self._manager.item_metadata(step)[_STATE])
+    variables = self.train_step.variables()
+    for group, group_vars in zip(_GROUPS, variables):
+      for i, (name, v) in enumerate(zip(expected[group], group_vars)):
+        try:
+          meta = stored[group][i]
+          shape, dtype = tuple(meta.shape), np.dtype(meta.dtype)
+        except (KeyError, IndexError, TypeError, AttributeError):
+          raise _Unreadable(f"its array metadata lacks {group} array "
+                            f"{i}") from None
+        if shape != tuple(v.shape) or dtype != np.dtype(v.dtype):
+          raise CheckpointMismatchError(
+              f"checkpoint {path} does not match the model built from the "
+              f"gin config: {name} is {shape} {dtype} in the checkpoint, "
+              f"{tuple(v.shape)} {np.dtype(v.dtype)} in the model")
     sharding = self.train_step.state_sharding
     abstract = {
         group: [jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
-                for v in variables]
-        for group, variables in zip(_GROUPS, self.train_step.variables())}
-    try:
-      tree = self._manager.restore(step, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
-    except ValueError as e:
-      raise CheckpointMismatchError(
-          f"checkpoint {path} does not match the model built from the gin "
-          f"config: {str(e).splitlines()[0]}") from e
-    return tuple(tree[group] for group in _GROUPS), step
+                for v in group_vars]
+        for group, group_vars in zip(_GROUPS, variables)}
+    tree = self._read(step, "arrays", lambda: self._manager.restore(
+        step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(abstract)}))[_STATE])
+    return tuple(tree[group] for group in _GROUPS)
+
+  def restore_newest_readable(self, move_unreadable=False, print_fn=print):
+    """Restores the newest checkpoint that reads cleanly.
+
+    Steps are tried newest first; one that cannot be read is reported and,
+    with `move_unreadable` (training; an evaluation leaves the directory
+    alone), moved to `model_dir/unreadable/checkpoints-<step>`
+    (`checkpoints-<step>.2`, ... when taken), so the next save and every
+    reader see the readable ones only.
+
+    Returns:
+      `(state, step)`, or None when there is no checkpoint.
+
+    Raises:
+      CheckpointMismatchError: the newest readable one does not match the
+        model (named).
+      CheckpointUnreadableError: none can be read (each named), or a read
+        failed for a reason that is not damage (storage unreachable,
+        permission refused).
+    """
+    steps = self.all_steps()
+    if not steps:
+      return None
+    unreadable, restored = [], None
+    for step in reversed(steps):
+      try:
+        restored = (self._restore(step), step)
+      except _Unreadable as e:
+        unreadable.append((step, str(e)))
+        continue
+      break
+    if restored is None:
+      details = "; ".join(f"{self.path(s)} ({why})" for s, why in unreadable)
+      raise CheckpointUnreadableError(
+          f"no checkpoint in {self.directory} can be read: {details}. Move "
+          "them away to start from scratch, or restore them from a copy")
+    for step, why in unreadable:
+      where = ""
+      if move_unreadable:
+        where = f" moved to {self._move_unreadable(step)};"
+      if print_fn is not None:
+        print_fn(f"Checkpoint {self.path(step)} cannot be read ({why});"
+                 f"{where} using {self.path(restored[1])} instead")
+    if move_unreadable and unreadable:
+      self._reload()
+    return restored
+
+  def _move_unreadable(self, step):
+    """Moves step `step` out of Orbax's sight; returns where it went."""
+    target = os.path.join(self.model_dir, UNREADABLE_DIR)
+    tf.io.gfile.makedirs(target)
+    name = f"{CHECKPOINT_SUBDIR}-{step}"
+    moved, n = os.path.join(target, name), 1
+    while tf.io.gfile.exists(moved):
+      n += 1
+      moved = os.path.join(target, f"{name}.{n}")
+    tf.io.gfile.rename(self.path(step), moved)
+    return moved
 
   def wait(self):
     """Blocks until every started save is written."""

@@ -81,12 +81,13 @@ def hide_accelerators_from_tensorflow():
 
 
 def initialize_multi_host():
-  """Joins the other processes when `KERAS_DISTRIBUTION_*` is set.
+  """Joins the other processes when `KERAS_DISTRIBUTION_*` is set (once).
 
   Returns:
     the number of processes.
   """
-  if any(os.environ.get(name) for name in _DISTRIBUTION_ENV):
+  if (any(os.environ.get(name) for name in _DISTRIBUTION_ENV) and
+      not jax.distributed.is_initialized()):
     keras.distribution.initialize()
   return jax.process_count()
 
@@ -160,6 +161,15 @@ class JaxExperiment:
     self._evaluator = None
 
   # ------------------------------------------------------------------ setup
+  def join_processes(self):
+    """Joins the other processes of a multi-host run; this one's index.
+
+    A TPU pod's processes learn their index only here (no
+    `KERAS_DISTRIBUTION_PROCESS_ID` is set), so the run lock asks this.
+    """
+    self.num_processes = initialize_multi_host()
+    return jax.process_index()
+
   def start(self, mode):
     """Validates inputs, joins the processes, builds and restores."""
     s = self.settings
@@ -216,9 +226,12 @@ class JaxExperiment:
     return self
 
   def _restore_or_initialize(self):
-    latest = self.manager.latest_step()
-    if latest is not None:
-      state, step = self.manager.restore(latest)
+    # The newest readable step; damaged newer ones are named and, by the
+    # chief, moved into model_dir/unreadable (the others only skip them).
+    restored = self.manager.restore_newest_readable(
+        move_unreadable=self.chief, print_fn=self.print_fn)
+    if restored is not None:
+      state, step = restored
       self.train_step.assign(state)
       self._step = step
       self._resumed = True
@@ -470,6 +483,10 @@ class JaxExperiment:
 
     Writes the operative config to `model_dir/eval_config.gin` (never
     `config.gin`, the training run's).
+
+    Raises:
+      experiment.InvalidInputError: naming the checkpoint, when it cannot
+        be read or does not match the model.
     """
     step = int(os.path.basename(os.path.normpath(checkpoint_path)))
     state, self._step = self.manager.restore(step)
@@ -479,16 +496,24 @@ class JaxExperiment:
     return self._step
 
   def restore_latest(self):
-    """Restores the newest checkpoint of `model_dir` (evaluation).
+    """Restores the newest readable checkpoint of `model_dir` (evaluation).
+
+    A damaged newer checkpoint is named and left where it is.
 
     Raises:
-      experiment.InvalidInputError: `model_dir` holds no checkpoint.
+      experiment.InvalidInputError: `model_dir` holds no checkpoint, none
+        can be read, or the newest readable one does not match the model
+        (named).
     """
-    latest = self.latest_checkpoint()
-    if latest is None:
+    restored = self.manager.restore_newest_readable(
+        move_unreadable=False, print_fn=self.print_fn)
+    if restored is None:
       raise experiment.InvalidInputError(f"no checkpoint in {self.model_dir}")
-    self.restore(latest)
-    return latest
+    state, self._step = restored
+    self.state = self.train_step.place(state)
+    if self.chief:
+      operative_config.write_eval_config(self.model_dir)
+    return self.manager.path(self._step)
 
   @property
   def trained_steps(self):

@@ -21,6 +21,8 @@ import os
 import keras
 import tensorflow as tf
 
+from official_shapemask.training import run_lock
+
 STRATEGIES = ("tpu", "mirrored", "multi_worker", "one_device")
 
 
@@ -123,6 +125,6 @@ def is_chief(strategy):
   if resolver is None or not isinstance(
       strategy, tf.distribute.MultiWorkerMirroredStrategy):
     return True
-  task_type, task_id = resolver.task_type, resolver.task_id
-  return task_type in (None, "chief") or (task_type == "worker" and
-                                          task_id == 0)
+  # Worker 0 only when the cluster has no chief job (the run lock's rule).
+  return run_lock.is_chief_task(resolver.task_type, resolver.task_id,
+                                resolver.cluster_spec().as_dict())

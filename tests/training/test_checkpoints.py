@@ -144,6 +144,47 @@ def test_interrupted_saves_are_removed(run_dir):
   assert checkpoints.remove_interrupted_saves(str(run_dir / "absent")) == []
 
 
+def test_a_staging_folder_holding_anything_else_is_kept(run_dir):
+  # Named like a killed save's staging folder, but holding a file that
+  # TensorFlow never writes there: not ours to delete.
+  lookalike = run_dir / "ckpt-25_temp"
+  lookalike.mkdir()
+  (lookalike / "notes.txt").write_text("the user's")
+  (lookalike / "part-00000-of-00001.index").write_bytes(b"partial")
+  assert checkpoints.remove_interrupted_saves(str(run_dir)) == []
+  assert sorted(os.listdir(lookalike)) == ["notes.txt",
+                                           "part-00000-of-00001.index"]
+
+
+def test_a_step_damaged_twice_keeps_both_copies(run_dir):
+  model, optimizer, checkpoint = _objects()
+  _damage(str(run_dir / "ckpt-15"), "overwritten")
+  first = (run_dir / "ckpt-15.data-00000-of-00001").read_bytes()
+  checkpoints.restore_newest_readable(checkpoint, str(run_dir),
+                                      move_unreadable=True, print_fn=None)
+  manager = tf.train.CheckpointManager(checkpoint, str(run_dir),
+                                       max_to_keep=5)
+  optimizer.iterations.assign(15)
+  manager.save(checkpoint_number=15)  # Step 15 again, damaged again.
+  _damage(str(run_dir / "ckpt-15"), "truncated")
+  second = (run_dir / "ckpt-15.data-00000-of-00001").read_bytes()
+  printed = []
+  restored = checkpoints.restore_newest_readable(
+      checkpoint, str(run_dir), move_unreadable=True, print_fn=printed.append)
+  assert restored == str(run_dir / "ckpt-10")
+  assert printed == [
+      f"Checkpoint {run_dir / 'ckpt-15'} cannot be read (IndexError: Read "
+      f"less bytes than requested); moved to {run_dir / 'unreadable'} as "
+      f"ckpt-15.2; using {run_dir / 'ckpt-10'} instead"]
+  unreadable = run_dir / "unreadable"
+  assert sorted(os.listdir(unreadable)) == [
+      "ckpt-15.2.data-00000-of-00001", "ckpt-15.2.index",
+      "ckpt-15.data-00000-of-00001", "ckpt-15.index"]
+  assert (unreadable / "ckpt-15.data-00000-of-00001").read_bytes() == first
+  assert (unreadable / "ckpt-15.2.data-00000-of-00001").read_bytes() == (
+      second)
+
+
 def test_silent_fallback(run_dir):
   _damage(str(run_dir / "ckpt-15"), "truncated")
   _, optimizer, checkpoint = _objects()
