@@ -23,6 +23,7 @@ from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
 from official_shapemask.training import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
+from official_shapemask.training import optimizers
 from official_shapemask.training import strategies
 from official_shapemask.training import train_loop
 
@@ -197,11 +198,38 @@ def make_train_dataset_fn(file_pattern, global_batch_size, model,
   return dataset_fn
 
 
+MOMENTUM_FORMS = ("keras", "tf1")
+
+
 @gin.configurable
-def build_momentum_optimizer(learning_rate=gin.REQUIRED, momentum=0.9, nesterov=False):
-  """SGD with momentum 0.9, not Nesterov (the TF1 reference)."""
-  return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum,
-                              nesterov=nesterov)
+def build_momentum_optimizer(learning_rate=gin.REQUIRED, momentum=0.9,
+                             nesterov=False, momentum_form="keras"):
+  """Momentum SGD, 0.9, not Nesterov (the TF1 reference's settings).
+
+  Args:
+    learning_rate: float or schedule (`StepDecayWithWarmup` in the configs).
+    momentum: float in [0, 1].
+    nesterov: bool.
+    momentum_form: `'keras'`: Keras `SGD` (`v = m*v - lr*g; w += v`);
+      `'tf1'`: `optimizers.TF1Momentum`, TF1's `MomentumOptimizer`
+      (`a = m*a + g; w -= lr*a`), the seed's. Equal at a constant learning
+      rate; after each change of it (warmup, decays) they differ.
+
+  Returns:
+    a `keras.optimizers.Optimizer` (not built).
+
+  Raises:
+    ValueError: an unknown `momentum_form`.
+  """
+  if momentum_form == "keras":
+    return keras.optimizers.SGD(learning_rate=learning_rate,
+                                momentum=momentum, nesterov=nesterov)
+  if momentum_form == "tf1":
+    return optimizers.TF1Momentum(learning_rate=learning_rate,
+                                  momentum=momentum, nesterov=nesterov)
+  raise ValueError(
+      f"build_momentum_optimizer.momentum_form={momentum_form!r} is not one "
+      f"of {', '.join(repr(f) for f in MOMENTUM_FORMS)}")
 
 
 @gin.configurable(denylist=["model_dir", "strategy_name", "tpu", "print_fn"])
