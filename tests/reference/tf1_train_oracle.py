@@ -16,7 +16,9 @@ step does are mirrored in `_train_op` below: the trainable list filtered by
 learning rate of `learning_rates.learning_rate_generator` on the global
 step, `tf.train.MomentumOptimizer(lr, momentum)` (its `OptimizerFactory`
 for type 'momentum') and `apply_gradients` under the `UPDATE_OPS` control
-dependency; `model_loss` is `shapemask_model.build_losses`' weighted sum.
+dependency (no gradient clipping: the shapemask config's
+`gradient_clip_norm` is 0, checked); `model_loss` is
+`shapemask_model.build_losses`' weighted sum.
 
 Reads `--work_dir`/`config.json` (sizes, schedule, steps, regularization;
 see `tests/training/test_tf1_training_parity.py`), `priors.npy` and
@@ -120,6 +122,7 @@ def _matching(variables, regex, keep):
 def _train_op(params, model_loss, learning_rates, tf):
   """What `base_model.BaseModel.train` adds after the losses (mirrored)."""
   train = params.train
+  assert train.gradient_clip_norm == 0.0, train.gradient_clip_norm
   global_step = tf.train.get_or_create_global_step()
   learning_rate = learning_rates.learning_rate_generator(
       train.learning_rate, train.total_steps)(global_step)
@@ -182,8 +185,8 @@ def main():
   prior_path = os.path.join(work, "priors.npy")
 
   # The frozen-variable rule of the shapemask config, on the deep ResNets.
-  frozen_params = params_dict.ParamsDict(shapemask_config.SHAPEMASK_CFG,
-                                         shapemask_config.SHAPEMASK_RESTRICTIONS)
+  frozen_params = params_dict.ParamsDict(
+      shapemask_config.SHAPEMASK_CFG, shapemask_config.SHAPEMASK_RESTRICTIONS)
   for depth in config.get("frozen_check_depths", []):
     with open(os.path.join(work, f"frozen_resnet{depth}.json"), "w") as f:
       json.dump(_frozen_names(depth, frozen_params, tf, nn_ops, resnet), f)

@@ -11,33 +11,46 @@ with the seed's settings (`build_momentum_optimizer.momentum_form='tf1'`,
 same loss terms and at the end the same variables.
 
 Setting: ResNet-10-FPN (levels 3-7, 64 FPN filters, two 64-filter head
-convs, mask branch of 32 channels and two convs, 91 classes, 20 random
-shape priors per class), 256 px, batch 2, every batch norm normalising over
-at least 8 values per channel (P7 is 2x2); 20 steps, each on its own batch of
-coco_tiny160 train images through our parser with augmentation off (the
-parser equals the reference's, tests/dataloaders/
-test_parser_reference_parity.py); learning rate 0.002 -> 0.02 over the
-first 5 steps, 0.002 from step 10, 0.0002 from step 15, momentum 0.9, L2
-1e-4. The initial weights are the reference's own initialisation, written
-as a whole-model TF1 checkpoint and loaded with `restore_tf1_checkpoint`.
-ResNet-10 freezes nothing on either side (the reference's
-`frozen_variable_prefix` names ResNet-50/101 layers); the freezing rule is
-compared separately, for ResNet-50 and -101, against the set of variables
-that prefix freezes in the reference's graph.
+convs, a mask branch of 32 channels and two convs, 91 classes, 20 random
+shape priors per class), 256 px, batch 2, so that every batch norm
+normalises over at least 8 values per channel (P7 is 2x2). 20 steps, each
+on its own batch of coco_tiny160 train images through our parser with
+augmentation off (the parser equals the reference's,
+tests/dataloaders/test_parser_reference_parity.py). Learning rate 0.0005 ->
+0.005 over the first 5 steps, 0.0005 from step 10, 0.00005 from step 15;
+momentum 0.9; L2 1e-4. The initial weights are the reference's own
+initialisation, written as a whole-model TF1 checkpoint and loaded with
+`restore_tf1_checkpoint`. ResNet-10 freezes nothing on either side (the
+reference's `frozen_variable_prefix` names ResNet-50/101 layers); the
+freezing rule is compared separately: for ResNet-50 and -101 our frozen
+variables are, by TF1 name, the ones that prefix freezes in the reference's
+graph.
 
-Tolerance (float32). The two sides run the same arithmetic in other orders
-(oneDNN / XLA:CPU kernels against TF1's fused batch norm and convolutions),
-so they agree to rounding at step 0 (about 1e-6 relative) and the
-difference then grows step by step: training amplifies a perturbation of
-the weights (a randomly initialised BN network is chaotic enough that two
-correct batch norms give ResNet-50 step-0 gradients 2% apart; ResNet-10
-keeps that floor near 3e-6). Measured here (see `LOSS_RTOL`) the loss terms
-agree within ~1e-5 relative over the first steps and within ~1e-3 at worst
-over the 20; the TF1 momentum form matters: with Keras' form
-(`v = m*v - lr*g`) the losses leave that band right after the warmup's
-first steps. Final variables are compared by their update from the initial
-weights: `|ours - ref|` within `UPDATE_RTOL` of `|ref - initial|` (norms per
-variable) plus a floor for variables that barely move.
+Tolerance (float32). Both sides run the same arithmetic in other orders
+(oneDNN / XLA:CPU kernels against TF1's), so they agree to rounding at step
+0 (about 1e-6 relative; 2e-5 for the JAX prior loss) and training then
+amplifies the difference: a from-scratch BN network is chaotic. That floor
+is the reference's own: run twice from initial weights 1e-6 apart
+(relative), it differs from itself as much as we differ from it. With a
+peak rate of 0.02 (8x the seed's rate per image, 0.08 / 64) the reference
+against itself is 58% apart in the box loss by step 9 and 14% in the class
+loss by step 17, so no test could tell a bug from rounding there; at the
+0.005 used here it stays within 1e-5 over the warmup and 6e-3 after.
+Measured against the reference (TF loop / JAX step), max relative
+difference: steps 0-4 3e-6 / 2.3e-5, steps 5-19 box loss 4.3e-3 / 5.8e-3
+(the most sensitive term), class loss 2.5e-3 / 7e-4, the other terms, model
+and total loss <= 1e-3; the final variables' updates `ref - initial` are
+reproduced to a median of 1.3% / 1.2% over the variables that move (worst
+20%: the stem and P6 kernels, which the perturbed reference also moves
+18-20% differently). Asserted: every loss term within `EARLY_RTOL` over the
+warmup, `LATE_RTOL` (`LATE_BOX_RTOL` for the box loss) after; per variable
+`|ours - ref| <= UPDATE_RTOL * |ref - initial| + UPDATE_ATOL` (the floor is
+for biases in front of a batch norm, whose exact gradient is zero and whose
+few-1e-7 movement is rounding) with a median of the relative update
+difference below `UPDATE_MEDIAN`. Keras' momentum form (`v = m*v - lr*g`)
+in place of TF1's is 1e-2 off in the box loss at step 2, 11% at step 4 and
+60% at step 13, with a median update difference of 51%; L2 on every
+variable is 4.5x off in the L2 term from step 0.
 """
 import json
 import os
@@ -58,8 +71,9 @@ BATCH = 2
 SIZE = 256
 LEVELS = range(3, 8)
 ANCHORS = 9
-SCHEDULE = dict(warmup_learning_rate=0.002, warmup_steps=5,
-                init_learning_rate=0.02, learning_rate_levels=[0.002, 0.0002],
+SCHEDULE = dict(warmup_learning_rate=0.0005, warmup_steps=5,
+                init_learning_rate=0.005,
+                learning_rate_levels=[0.0005, 0.00005],
                 learning_rate_steps=[10, 15])
 # The seed-era L2 rule (tensorflow/tpu 73a345e): trainable variables whose
 # names contain neither `batch_normalization` nor `bias`, as a regex for the
@@ -89,14 +103,22 @@ OPTIMIZER = dict(momentum=0.9, momentum_form="tf1")
 LOSS_KEYS = ("cls_loss", "box_loss", "prior_loss", "coarse_loss", "fine_loss",
              "model_loss", "l2_loss", "total_loss")
 
-# Per-step relative tolerance of every loss term: (last step, rtol).
-LOSS_RTOL = ((4, 1e-4), (STEPS - 1, 5e-3))
-UPDATE_RTOL = 2e-2
+# Relative tolerance per step and loss term (see the module docstring).
+EARLY_STEPS = 5  # Steps 0-4: the warmup.
+EARLY_RTOL = 1e-4
+LATE_RTOL = 5e-3
+LATE_BOX_RTOL = 2e-2
+UPDATE_RTOL = 0.3
 UPDATE_ATOL = 1e-6
+UPDATE_MEDIAN = 0.05
+
+pytestmark = pytest.mark.slow  # The reference's run and ours: minutes.
 
 
-def _loss_rtol(step):
-  return next(rtol for last, rtol in LOSS_RTOL if step <= last)
+def _loss_rtol(step, key):
+  if step < EARLY_STEPS:
+    return EARLY_RTOL
+  return LATE_BOX_RTOL if key == "box_loss" else LATE_RTOL
 
 
 def _flat_labels(labels, prefix="labels/"):
@@ -146,7 +168,6 @@ def _reference_layout(ours):
 @pytest.fixture(scope="module")
 def work(tiny_train_records, tf1_reference_root, tmp_path_factory):
   """Batches, priors and config written, and the reference's 20 steps run."""
-  import tensorflow as tf
   from official_shapemask.dataloaders import input_reader
   from official_shapemask.dataloaders import shapemask_parser
   out = tmp_path_factory.mktemp("tf1_training")
@@ -165,7 +186,6 @@ def work(tiny_train_records, tf1_reference_root, tmp_path_factory):
   np.save(out / "priors.npy", np.random.default_rng(7).uniform(
       0, 1, (91, NUM_CLUSTERS, 32, 32)).astype(np.float32))
   (out / "config.json").write_text(json.dumps(CONFIG))
-  del tf
   env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
              CUDA_VISIBLE_DEVICES="")
   result = subprocess.run(
@@ -193,6 +213,10 @@ def _initial(work):
 @pytest.fixture(scope="module")
 def tf_loop_run(work):
   """Our TensorFlow loop: 20 steps from the reference's initial weights."""
+  return _run_tf_loop(work)
+
+
+def _run_tf_loop(work, model_overrides=None, optimizer_overrides=None):
   import keras
   import tensorflow as tf
   from official_shapemask.modeling import factory
@@ -207,9 +231,11 @@ def tf_loop_run(work):
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
   with strategy.scope():
     model = factory.build_shapemask_model(
-        shape_prior_path=str(work / "priors.npy"), **MODEL)
+        shape_prior_path=str(work / "priors.npy"),
+        **(MODEL | (model_overrides or {})))
     optimizer = experiment.build_momentum_optimizer(
-        learning_rate=schedules.StepDecayWithWarmup(**SCHEDULE), **OPTIMIZER)
+        learning_rate=schedules.StepDecayWithWarmup(**SCHEDULE),
+        **(OPTIMIZER | (optimizer_overrides or {})))
     optimizer.build(model.trainable_variables)
   report = checkpoints.restore_tf1_checkpoint(
       model, str(work / "initial"), modules="all", print_fn=None)
@@ -220,9 +246,10 @@ def tf_loop_run(work):
   iterator = iter(strategy.experimental_distribute_dataset(dataset))
   loop = train_loop.TrainLoop(strategy, model, optimizer)
   losses = [loop.run(iterator, 1) for _ in range(STEPS)]
-  final = {e.name: np.asarray(e.variable.numpy())
-           for e in tf1_names.tf1_variables(model)}
-  return losses, final
+  entries = tf1_names.tf1_variables(model)
+  final = {e.name: np.asarray(e.variable.numpy()) for e in entries}
+  decayed = {id(v) for v in model.l2_regularized_variables()}
+  return losses, final, {e.name for e in entries if id(e.variable) in decayed}
 
 
 _JAX_SCRIPT = textwrap.dedent("""
@@ -278,12 +305,17 @@ _JAX_SCRIPT = textwrap.dedent("""
 def jax_run(work):
   """The JAX engine's step: 20 steps from the same weights and batches."""
   pytest.importorskip("jax")
+  return _run_jax(work)
+
+
+def _run_jax(work, model_overrides=None, optimizer_overrides=None):
   env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO_ROOT))
+  settings = [MODEL | (model_overrides or {}),
+              OPTIMIZER | (optimizer_overrides or {}), SCHEDULE, STEPS]
   result = subprocess.run(
-      [sys.executable, "-c", _JAX_SCRIPT, str(work),
-       json.dumps([MODEL, OPTIMIZER, SCHEDULE, STEPS])], env=env,
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500,
+      [sys.executable, "-c", _JAX_SCRIPT, str(work), json.dumps(settings)],
+      env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500,
       check=False)
   assert result.returncode == 0 and "OK" in result.stdout, (
       result.stdout[-2000:] + result.stderr[-5000:])
@@ -318,25 +350,28 @@ def _check(losses, final, work, engine):
     print(f"  step {i:2d} lr={ref_steps['steps'][i]['learning_rate']:.4f} " +
           " ".join(f"{k}={v:.1e}" for k, v in d.items()))
   bad = [(i, k, v) for i, d in enumerate(diffs) for k, v in d.items()
-         if not v <= _loss_rtol(i)]
+         if not v <= _loss_rtol(i, k)]
   updates = _update_differences(final, ref_final, _initial(work))
-  worst = max(updates.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1e-12))
-  print(f"{engine}: final variables: worst |ours - ref| / |ref - init| = "
-        f"{worst[1][0] / max(worst[1][1], 1e-12):.2e} ({worst[0]})")
+  ratios = {n: d / moved for n, (d, moved) in updates.items() if moved > 1e-5}
+  median = float(np.median(list(ratios.values())))
+  worst = max(ratios, key=ratios.get)
+  print(f"{engine}: final variables: |ours - ref| / |ref - initial| median "
+        f"{median:.3f}, worst {ratios[worst]:.3f} ({worst}) over "
+        f"{len(ratios)} variables that moved")
   bad_vars = {n: v for n, v in updates.items()
               if not v[0] <= UPDATE_RTOL * v[1] + UPDATE_ATOL}
   assert not bad, bad
   assert not bad_vars, bad_vars
+  assert median <= UPDATE_MEDIAN
 
 
-@pytest.mark.slow
 def test_reference_run_is_the_seeds_training(work):
   ref_steps, ref_final = _reference(work)
   initial = _initial(work)
   rates = [s["learning_rate"] for s in ref_steps["steps"]]
   np.testing.assert_allclose(
-      rates, [0.002 + i * 0.0036 for i in range(5)] + [0.02] * 5 +
-      [0.002] * 5 + [0.0002] * 5, rtol=1e-6)
+      rates, [0.0005 + i * 0.0009 for i in range(5)] + [0.005] * 5 +
+      [0.0005] * 5 + [0.00005] * 5, rtol=1e-6)
   assert not ref_steps["frozen"]
   # The seed-era L2 list: no backbone batch norm, no bias; the FPN's and
   # heads' batch norms are decayed.
@@ -360,12 +395,13 @@ def test_reference_run_is_the_seeds_training(work):
   assert all(np.isfinite(totals))
 
 
-@pytest.mark.slow
 def test_tf_loop_follows_the_reference(work, tf_loop_run):
-  _check(*tf_loop_run, work, "TF loop")
+  losses, final, decayed = tf_loop_run
+  ref_steps, _ = _reference(work)
+  assert decayed == set(ref_steps["regularized"])
+  _check(losses, final, work, "TF loop")
 
 
-@pytest.mark.slow
 def test_jax_step_follows_the_reference(work, jax_run):
   _check(*jax_run, work, "JAX step")
 
@@ -384,9 +420,8 @@ def test_frozen_variables_are_the_references(work, depth):
       pre_nms_num_boxes=100)
   trainable = {id(v) for v in model.trainable_variables}
   backbone = [e for e in tf1_names.tf1_variables(model)
-              if e.module == "backbone"]
-  assert {e.name for e in backbone if id(e.variable) in trainable} == set(
-      ref["trainable"])
-  assert {e.name for e in backbone if id(e.variable) not in trainable and
-          not re.search(r"/moving_(mean|variance)$", e.name)} == set(
-              ref["frozen"])
+              if e.module == "backbone" and
+              not re.search(r"/moving_(mean|variance)$", e.name)]
+  assert {e.name for e in backbone} == set(ref["trainable"])
+  assert {e.name for e in backbone
+          if id(e.variable) not in trainable} == set(ref["frozen"])
