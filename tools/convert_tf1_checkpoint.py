@@ -100,12 +100,13 @@ def convert(checkpoint, output, gin_files=(), gin_bindings=(), prefix=None,
   from official_shapemask.serving import legacy_converter
   from official_shapemask.training import checkpoints
   from official_shapemask.training import gin_utils
+  from official_shapemask.training import shape_prior_files
   # pylint: enable=g-import-not-at-top
   say = print_fn or (lambda *a, **k: None)
   with gin.unlock_config():
     gin.clear_config()
   gin_utils.parse_config(list(gin_files), list(gin_bindings))
-  model = factory.build_shapemask_model()
+  model = factory.build_shapemask_model(**shape_prior_files.model_overrides())
   report = checkpoints.restore_tf1_checkpoint(
       model, checkpoint, prefix=prefix, modules=modules, print_fn=print_fn)
   priors = model.prior_head.shape_priors

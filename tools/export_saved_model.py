@@ -72,9 +72,11 @@ def main(argv):
   from official_shapemask.modeling import factory
   from official_shapemask.serving import export
   from official_shapemask.training import gin_utils
+  from official_shapemask.training import shape_prior_files
   try:
     gin_utils.parse_config(FLAGS.gin_file, FLAGS.gin_bindings)
-    model = factory.build_shapemask_model()
+    model = factory.build_shapemask_model(
+        **shape_prior_files.model_overrides())
     checkpoint = export.restore_model(model, FLAGS.checkpoint)
     print(f'Restored {checkpoint}')
     result = export.export_saved_model(

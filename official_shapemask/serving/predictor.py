@@ -64,8 +64,10 @@ class Predictor:
     # pylint: disable=g-import-not-at-top
     from official_shapemask.modeling import factory
     from official_shapemask.training import gin_utils
+    from official_shapemask.training import shape_prior_files
     gin_utils.parse_config(gin_files, gin_bindings)
-    model = factory.build_shapemask_model()
+    model = factory.build_shapemask_model(
+        **shape_prior_files.model_overrides())
     path = export.restore_model(model, checkpoint)
     module = export.ShapeMaskServingModule(model, batch_size=batch_size)
     predictor = cls(module.serve_bytes, batch_size, f'checkpoint {path}')

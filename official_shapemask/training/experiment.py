@@ -18,12 +18,14 @@ from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
+from official_shapemask.modeling import shapemask_model
 from official_shapemask.training import checkpoints
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
 from official_shapemask.training import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
 from official_shapemask.training import optimizers
+from official_shapemask.training import shape_prior_files
 from official_shapemask.training import strategies
 from official_shapemask.training import train_loop
 
@@ -129,6 +131,21 @@ def validate_init_checkpoint(init_checkpoint, prefix=None,
     raise InvalidInputError(f"init_checkpoint: {e}") from None
 
 
+def _check_choices():
+  """An unknown momentum form or L2 rule, named before anything starts."""
+  form = gin.get_bindings(build_momentum_optimizer).get(
+      "momentum_form", "keras")
+  if form not in MOMENTUM_FORMS:
+    raise InvalidInputError(
+        f"build_momentum_optimizer.momentum_form={form!r} is not one of "
+        f"{', '.join(repr(f) for f in MOMENTUM_FORMS)}")
+  rule = _model_setting("l2_variables")
+  if rule not in shapemask_model.L2_VARIABLE_RULES:
+    raise InvalidInputError(
+        f"build_shapemask_model.l2_variables={rule!r} is not one of "
+        f"{', '.join(repr(r) for r in shapemask_model.L2_VARIABLE_RULES)}")
+
+
 def validate_inputs(mode, train_file_pattern, eval_file_pattern,
                     init_checkpoint, init_checkpoint_prefix=None,
                     init_checkpoint_modules="backbone", print_fn=print):
@@ -137,26 +154,36 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   Checks the data patterns of `mode` (files that are not TFRecords by name
   are skipped, saying so), the shape-prior file (readable, class
   count equal to the model's `num_classes`, prior size equal to its
-  `mask_crop_size`) and the init checkpoint (`validate_init_checkpoint`).
+  `mask_crop_size`; a remote one is copied to the local cache first, see
+  `shape_prior_files`) and the init checkpoint (`validate_init_checkpoint`).
+
+  Also checks the choice settings `build_momentum_optimizer.momentum_form`
+  and `build_shapemask_model.l2_variables`.
 
   Raises:
-    InvalidInputError: naming the setting and the path.
+    InvalidInputError: naming the setting and the path (or value).
   """
+  _check_choices()
   if mode in ("train", "train_and_eval"):
     _require_records(train_file_pattern, "train_file_pattern", print_fn)
   if mode in ("eval", "train_and_eval"):
     _require_records(eval_file_pattern, "eval_file_pattern", print_fn)
   prior_path = _model_setting("shape_prior_path")
   if prior_path:
-    if not tf.io.gfile.exists(prior_path):
+    try:
+      local = shape_prior_files.local_copy(prior_path)
+    except shape_prior_files.UnreadablePriorsError as e:
+      raise InvalidInputError(str(e)) from None
+    if not tf.io.gfile.exists(local):
       raise InvalidInputError(
           f"shape_prior_path={prior_path!r} does not exist")
     try:
-      factory.load_priors(prior_path, _model_setting("num_classes"),
+      factory.load_priors(local, _model_setting("num_classes"),
                           _model_setting("use_category_for_mask"),
                           _model_setting("mask_crop_size"))
     except ValueError as e:  # Names the path and both counts or sizes.
-      raise InvalidInputError(str(e)) from None
+      copy = f" (the local copy of {prior_path})" if local != prior_path else ""
+      raise InvalidInputError(f"{e}{copy}") from None
   if init_checkpoint:
     validate_init_checkpoint(init_checkpoint, init_checkpoint_prefix,
                              init_checkpoint_modules)
@@ -369,9 +396,17 @@ class Experiment:
     return self
 
   def model_overrides(self, say=True):
-    """`build_shapemask_model` overrides: with no init checkpoint nothing
-    stays frozen (both engines build their model with these)."""
+    """`build_shapemask_model` overrides (both engines build with these):
+    a remote prior file's local copy (`shape_prior_files`), and with no
+    init checkpoint nothing stays frozen."""
     print_fn = self.print_fn if say else (lambda *a, **k: None)
+    try:
+      priors = shape_prior_files.model_overrides()
+    except shape_prior_files.UnreadablePriorsError as e:
+      raise InvalidInputError(str(e)) from None
+    return dict(priors, **self._freezing_overrides(print_fn))
+
+  def _freezing_overrides(self, print_fn):
     if self.init_checkpoint:
       if _model_setting("freeze_early_convs"):
         print_fn("Backbone from RESNET_CHECKPOINT: the stem and conv2_x "

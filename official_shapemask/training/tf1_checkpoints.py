@@ -5,9 +5,10 @@ Three kinds of file come from the seed's code (tensorflow/tpu
 here with `tf.train.load_checkpoint` only:
 
 * **ImageNet backbone files**, the seed's `RESNET_CHECKPOINT`
-  (`gs://cloud-tpu-checkpoints/retinanet/resnet101-checkpoint-2018-02-24`,
-  `.../resnet50-checkpoint-2018-02-07`, the `resnet-nhwc-*` checkpoints of
-  the TF1 ResNet code). They hold root-level names (`conv2d/kernel`,
+  (`gs://cloud-tpu-checkpoints/shapemask/retinanet/resnet101-checkpoint-2018-02-24`;
+  also `gs://cloud-tpu-checkpoints/retinanet/resnet50-checkpoint-2018-02-07`,
+  which the seed does not name, and the `resnet-nhwc-*` checkpoints of the
+  TF1 ResNet code). They hold root-level names (`conv2d/kernel`,
   `batch_normalization_7/moving_variance`, ...), a classifier `dense/*`,
   `global_step` and optimizer slots.
 * **Whole-model checkpoints** of a ShapeMask run (`resnet50/...`, `fpn/...`,

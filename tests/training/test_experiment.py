@@ -99,6 +99,8 @@ def test_tiny_kwargs_match_tiny_cpu_gin(clean_gin):
      "{tmp}/missing_priors.npy"),
     ("RESNET_CHECKPOINT='{tmp}/no_ckpt/ckpt-7'", "{tmp}/no_ckpt/ckpt-7"),
     ("RESNET_CHECKPOINT='{tmp}/resnet.weights.h5'", "{tmp}/resnet.weights.h5"),
+    ("build_momentum_optimizer.momentum_form='tf2'", "momentum_form='tf2'"),
+    ("build_shapemask_model.l2_variables='seed'", "l2_variables='seed'"),
 ])
 def test_bad_input_fails_before_the_strategy_starts(
     clean_gin, tiny_train_records, tmp_path, binding, named):

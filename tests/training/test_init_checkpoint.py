@@ -65,11 +65,11 @@ def _lines(printed):
      "gs://cloud-tpu-checkpoints/retinanet/resnet50-checkpoint-2018-02-07",
      "resnet50/"),
     ("shapemask_r101.gin",
-     "gs://cloud-tpu-checkpoints/retinanet/resnet101-checkpoint-2018-02-24",
-     "resnet101/"),
+     "gs://cloud-tpu-checkpoints/shapemask/retinanet/"
+     "resnet101-checkpoint-2018-02-24", "resnet101/"),
     ("benchmarks/shapemask_r101_b256.gin",
-     "gs://cloud-tpu-checkpoints/retinanet/resnet101-checkpoint-2018-02-24",
-     "resnet101/"),
+     "gs://cloud-tpu-checkpoints/shapemask/retinanet/"
+     "resnet101-checkpoint-2018-02-24", "resnet101/"),
     ("shapemask_base.gin", None, None),
     ("tiny_cpu.gin", None, None),
 ])
