@@ -29,13 +29,11 @@ import json
 import os
 import sys
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top
+from absl import app
+from absl import flags
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
+from official_shapemask import quiet_logs
+from official_shapemask.cli import entry
 
 FLAGS = flags.FLAGS
 
@@ -85,8 +83,8 @@ def convert(legacy_model_dir=None,
   """
   import numpy as np
   from official_shapemask.modeling import factory
-  from official_shapemask.serving import legacy_converter
-  from official_shapemask.serving import legacy_shapemask
+  from official_shapemask.weights import legacy_converter
+  from official_shapemask.weights import legacy_shapemask
 
   say = print_fn or (lambda *a, **k: None)
   params_path = legacy_params or legacy_model_dir
@@ -149,7 +147,12 @@ def main(argv):
     os.replace(tmp, FLAGS.verify_json)
 
 
-if __name__ == "__main__":
+def console_entry():
+  """Entry point of the console script and of the tools/ launcher."""
   quiet_logs.install()  # Before TensorFlow is imported.
   _define_flags()
-  app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == "__main__":
+  console_entry()

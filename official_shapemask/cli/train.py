@@ -12,14 +12,13 @@ Short gin names are looked up in gin/; paths work too. See README.md for the
 seed's commands and their equivalents.
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from official_shapemask import quiet_logs
+from official_shapemask.cli import entry
 
 _GIN_FILES = flags.DEFINE_multi_string(
     "gin_file", [], "gin config file; repeatable, later files override "
@@ -82,6 +81,11 @@ def main(argv):
     sys.exit(f"train.py: error: {e}")
 
 
-if __name__ == "__main__":
+def console_entry():
+  """Entry point of the console script and of train.py."""
   quiet_logs.install()  # Before TensorFlow is imported.
-  app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == "__main__":
+  console_entry()

@@ -42,7 +42,7 @@ import tensorflow as tf
 
 from official.vision.ops import preprocess_ops
 from official_shapemask.dataloaders import image_ops
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
 
 SIGNATURE_IMAGE_TENSOR = 'image_tensor'
 SIGNATURE_IMAGE_BYTES = 'image_bytes'

@@ -18,10 +18,10 @@ from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
-from official_shapemask.training import init_checkpoint as init_ckpt
+from official_shapemask.weights import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
 from official_shapemask.training import strategies
 from official_shapemask.training import train_loop

@@ -38,7 +38,7 @@ def main(argv):
     return 2
   from official_shapemask.modeling import factory
   from official_shapemask.training import gin_utils
-  from official_shapemask.training import init_checkpoint
+  from official_shapemask.weights import init_checkpoint
   try:
     gin_utils.parse_config([config], [])
     model = factory.build_shapemask_model()

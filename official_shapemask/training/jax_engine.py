@@ -49,11 +49,11 @@ import tensorflow as tf
 
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
 from official_shapemask.training import experiment
-from official_shapemask.training import jax_checkpoints
+from official_shapemask.weights import jax_checkpoints
 from official_shapemask.training import jax_step
 from official_shapemask.training import operative_config
 from official_shapemask.training import train_loop

@@ -34,8 +34,8 @@ import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from official_shapemask.training import restore_report
-from official_shapemask.training import tf1_checkpoints
+from official_shapemask.weights import restore_report
+from official_shapemask.weights import tf1_checkpoints
 
 MODULES = restore_report.MODULES
 RestoreReport = restore_report.RestoreReport

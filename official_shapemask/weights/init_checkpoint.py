@@ -18,9 +18,9 @@ Another kind of file is one more branch in `checkpoint_kind` and `restore`.
 
 import tensorflow as tf
 
-from official_shapemask.training import checkpoints
-from official_shapemask.training import keras_hub_weights
-from official_shapemask.training import tf1_checkpoints
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import keras_hub_weights
+from official_shapemask.weights import tf1_checkpoints
 
 KERAS_WEIGHTS = "keras_weights"
 TF2 = "tf2"

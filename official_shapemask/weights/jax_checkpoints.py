@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
 from official_shapemask.training import experiment
 
 CHECKPOINT_SUBDIR = "checkpoints"

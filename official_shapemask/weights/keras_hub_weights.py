@@ -52,7 +52,7 @@ import tensorflow as tf
 from official.vision.ops import preprocess_ops
 
 from official_shapemask.modeling.backbones import resnet
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
 
 KERAS_HUB_PREFIX = "keras_hub:"
 _CONFIG_FILE = "config.json"

@@ -42,8 +42,8 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from official_shapemask.training import restore_report
-from official_shapemask.training import tf1_names
+from official_shapemask.weights import restore_report
+from official_shapemask.weights import tf1_names
 
 # Seconds allowed for opening a checkpoint (for gs:// paths without a
 # network, where TensorFlow's GCS client may retry for minutes).

@@ -26,7 +26,7 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
 from official_shapemask.serving import export
 from official_shapemask.serving import predictor as predictor_lib
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
 
@@ -78,7 +78,9 @@ def save_checkpoint(model, model_dir):
 
 
 def run_tool(script, *args, timeout=600):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  # tools/ runs the checkout's package (PYTHONPATH), not an installed one.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+             PYTHONPATH=str(REPO_ROOT))
   return subprocess.run(
       [sys.executable, str(REPO_ROOT / "tools" / script), *args],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,

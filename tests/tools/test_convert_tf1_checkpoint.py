@@ -17,8 +17,8 @@ from keras import ops
 
 from official_shapemask.modeling import factory
 from official_shapemask.serving import export
-from official_shapemask.training import checkpoints
-from tools import convert_tf1_checkpoint
+from official_shapemask.weights import checkpoints
+from official_shapemask.cli import convert_tf1_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 

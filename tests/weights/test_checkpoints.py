@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
 
 
 def _objects(width=8):

@@ -11,7 +11,7 @@ _ROUND_TRIP = textwrap.dedent("""
     import jax
     import keras
     import numpy as np
-    from official_shapemask.training import jax_checkpoints
+    from official_shapemask.weights import jax_checkpoints
     from official_shapemask.training import jax_step
 
     def build(units):

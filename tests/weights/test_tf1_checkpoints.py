@@ -17,10 +17,10 @@ import tensorflow as tf
 from keras import ops
 
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
-from official_shapemask.training import init_checkpoint
-from official_shapemask.training import tf1_checkpoints
-from official_shapemask.training import tf1_names
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import init_checkpoint
+from official_shapemask.weights import tf1_checkpoints
+from official_shapemask.weights import tf1_names
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL = dict(image_size=64, backbone_depth=10, backbone_width_multiplier=0.25,
@@ -301,7 +301,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints, tf1_names
+from official_shapemask.weights import checkpoints, tf1_names
 assert keras.backend.backend() == "jax"
 model = factory.build_shapemask_model(
     num_classes=5, num_clusters=2, image_size=64, backbone_depth=10,
@@ -337,7 +337,7 @@ def test_restores_under_the_jax_backend(run_under_jax, tmp_path):
 
 _HANG_SCRIPT = """
 import time
-from official_shapemask.training import tf1_checkpoints
+from official_shapemask.weights import tf1_checkpoints
 tf1_checkpoints._open = lambda path: time.sleep(600)
 start = time.time()
 try:
