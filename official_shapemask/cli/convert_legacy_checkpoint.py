@@ -12,7 +12,7 @@ the mapping: port variable -> our variable, shape) and writes our weights:
 - `--output=DIR/ckpt` (no `.weights.h5` suffix): a
   `tf.train.Checkpoint(model=...)` prefix, written only when TensorFlow's
   object graph reaches every variable of the model (see
-  `legacy_converter.save_model_weights`).
+  `checkpoints.save_model_weights`).
 
 The shape priors come from the port's `shapemask_head.shape_prior_path`
 (override with `--shape_prior_path` when that path is not reachable); they
@@ -83,6 +83,7 @@ def convert(legacy_model_dir=None,
   """
   import numpy as np
   from official_shapemask.modeling import factory
+  from official_shapemask.weights import checkpoints
   from official_shapemask.weights import legacy_converter
   from official_shapemask.weights import legacy_shapemask
 
@@ -115,7 +116,7 @@ def convert(legacy_model_dir=None,
   if print_mapping:
     say(report.table())
   if output:
-    written = legacy_converter.save_model_weights(model, output)
+    written = checkpoints.save_model_weights(model, output)
     say("Wrote " + ", ".join(written))
   parity = None
   if verify_batch_size > 0:

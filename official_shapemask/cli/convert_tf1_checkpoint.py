@@ -95,7 +95,6 @@ def convert(checkpoint, output, gin_files=(), gin_bindings=(), prefix=None,
   # pylint: disable=g-import-not-at-top
   import gin
   from official_shapemask.modeling import factory
-  from official_shapemask.weights import legacy_converter
   from official_shapemask.weights import checkpoints
   from official_shapemask.training import gin_utils
   # pylint: enable=g-import-not-at-top
@@ -116,7 +115,7 @@ def convert(checkpoint, output, gin_files=(), gin_bindings=(), prefix=None,
         "write them with their initial values")
   written = []
   if output:
-    written = legacy_converter.save_model_weights(model, output)
+    written = checkpoints.save_model_weights(model, output)
     say("Wrote " + ", ".join(written))
   return model, report, written
 

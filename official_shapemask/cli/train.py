@@ -70,14 +70,16 @@ def main(argv):
   from official_shapemask.training import gin_utils
   from official_shapemask.training import modes
   from official_shapemask.training import train_loop
+  from official_shapemask.weights import errors
   try:
     gin_utils.parse_config(_GIN_FILES.value, _BINDINGS.value)
     modes.run(mode=_MODE.value, model_dir=_MODEL_DIR.value,
               strategy_name=_STRATEGY.value, tpu=_TPU.value,
               eval_timeout=_EVAL_TIMEOUT.value)
   except (gin_utils.ConfigError, experiment.InvalidInputError,
-          train_loop.DivergenceError) as e:
-    # Configuration and input errors, and a diverged run: one clear line.
+          errors.CheckpointError, train_loop.DivergenceError) as e:
+    # Configuration, input and checkpoint errors, and a diverged run: one
+    # clear line.
     sys.exit(f"train.py: error: {e}")
 
 

@@ -43,6 +43,8 @@ import tensorflow as tf
 from official.vision.ops import preprocess_ops
 from official_shapemask.dataloaders import image_ops
 from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
+from official_shapemask.weights import paths
 
 SIGNATURE_IMAGE_TENSOR = 'image_tensor'
 SIGNATURE_IMAGE_BYTES = 'image_bytes'
@@ -198,12 +200,9 @@ def restore_model(model, checkpoint):
       shape differs (the gin config does not match the training run), or
       its files cannot be read (truncated, overwritten, missing); names it.
   """
-  if (tf.io.gfile.isdir(checkpoint) and
-      tf.train.latest_checkpoint(checkpoint) is None):
-    # A JAX-engine model directory: its weights file for export.
-    checkpoint = checkpoints.latest_model_weights(checkpoint) or checkpoint
-  path = checkpoints.resolve_checkpoint(checkpoint)
-  if checkpoints.is_keras_weights_file(path):
+  # A JAX-engine model directory: its newest weights file.
+  path = paths.resolve_checkpoint(checkpoint, model_weights=True)
+  if paths.is_keras_weights_file(path):
     return checkpoints.load_model_weights(model, path)
   root = tf.train.Checkpoint(model=model)
   try:
@@ -218,7 +217,7 @@ def restore_model(model, checkpoint):
     # Truncated data reads short (IndexError), overwritten bytes fail the
     # checksum, a data file is missing.
     raise ValueError(
-        f'checkpoint {path} cannot be read ({checkpoints.first_line(e)}); '
+        f'checkpoint {path} cannot be read ({errors.first_line(e)}); '
         f'give an earlier one, e.g. --checkpoint={path.rsplit("-", 1)[0]}-N '
         f'(see {os.path.dirname(path) or "."}/checkpoint)') from e
   untracked = untracked_variables(model)

@@ -19,6 +19,7 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
 from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
 from official_shapemask.weights import init_checkpoint as init_ckpt
@@ -77,7 +78,7 @@ def data_error(error, pattern, setting):
         f"leave it out of {pattern!r}")
   return InvalidInputError(
       f"{setting}={pattern!r}: a TFRecord file is damaged "
-      f"({checkpoints.first_line(error)}), but no single file fails there "
+      f"({errors.first_line(error)}), but no single file fails there "
       f"when read alone")
 
 
@@ -369,7 +370,7 @@ class Experiment:
       latest = checkpoints.restore_newest_readable(
           self.checkpoint, ckpt_dir, move_unreadable=True,
           print_fn=self.print_fn)
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
     if latest:
       self._resumed = True
@@ -571,7 +572,7 @@ class Experiment:
     """
     try:
       checkpoints.restore_checkpoint(self.checkpoint, checkpoint_path)
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
     if self.chief:
       operative_config.write_eval_config(self.model_dir)
@@ -593,7 +594,7 @@ class Experiment:
       path = checkpoints.restore_newest_readable(
           self.checkpoint, self.model_dir, move_unreadable=False,
           print_fn=self.print_fn)
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
     if path is None:
       raise InvalidInputError(f"no checkpoint in {self.model_dir}")

@@ -23,24 +23,19 @@ engine does at the end of every training run.
 
 import logging
 import os
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
-from official_shapemask.weights import checkpoints
-from official_shapemask.training import experiment
+from official_shapemask.weights import atomic
+from official_shapemask.weights import errors
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _STATE = "state"
 _META = "variables"
 _GROUPS = ("trainable", "non_trainable", "optimizer")
-
-
-class CheckpointMismatchError(experiment.InvalidInputError):
-  """A checkpoint's variables differ from the model's (names the path)."""
 
 
 class _QuietOrbax(logging.Filter):
@@ -148,7 +143,7 @@ class CheckpointManager:
 
     Raises:
       FileNotFoundError: no checkpoint (at that step).
-      CheckpointMismatchError: the checkpoint's variables are not the
+      errors.CheckpointMismatchError: the checkpoint's variables are not the
         model's (another gin configuration), naming the checkpoint.
     """
     steps = self.all_steps()
@@ -167,7 +162,7 @@ class CheckpointManager:
       saved, ours = list(names.get(group, [])), expected[group]
       if saved != ours:
         differ = [f"{a} vs {b}" for a, b in zip(saved, ours) if a != b][:3]
-        raise CheckpointMismatchError(
+        raise errors.CheckpointMismatchError(
             f"checkpoint {path} does not match the model built from the gin "
             f"config: {group} variables {len(saved)} saved vs {len(ours)} in "
             f"the model{'; first differences: ' + ', '.join(differ) if differ else ''}")
@@ -180,7 +175,7 @@ class CheckpointManager:
       tree = self._manager.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
     except ValueError as e:
-      raise CheckpointMismatchError(
+      raise errors.CheckpointMismatchError(
           f"checkpoint {path} does not match the model built from the gin "
           f"config: {str(e).splitlines()[0]}") from e
     return tuple(tree[group] for group in _GROUPS), step
@@ -204,13 +199,7 @@ def write_keras_weights(model, path):
   """
   if jax.process_index() != 0:
     return None
-  with tempfile.TemporaryDirectory() as scratch:
-    local = os.path.join(scratch, "model.weights.h5")
-    model.save_weights(local)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    tf.io.gfile.copy(local, tmp, overwrite=True)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-  return path
+  return atomic.write_file(path, model.save_weights)
 
 
 def snapshot(state):

@@ -30,6 +30,7 @@ _SCRIPT = textwrap.dedent("""
     import tensorflow as tf
     from official.modeling.hyperparams import params_dict
     from official_shapemask.modeling import factory
+    from official_shapemask.weights import checkpoints
     from official_shapemask.weights import legacy_shapemask
     from official_shapemask.weights import legacy_converter
     from official_shapemask.cli import convert_legacy_checkpoint
@@ -79,7 +80,7 @@ _SCRIPT = textwrap.dedent("""
     same = all(np.array_equal(a.numpy(), b.numpy())
                for a, b in zip(model.weights, fresh.weights))
     try:
-      legacy_converter.save_model_weights(model, os.path.join(tmp, "tf", "c"))
+      checkpoints.save_model_weights(model, os.path.join(tmp, "tf", "c"))
       tf_checkpoint = "written"
     except ValueError as e:
       tf_checkpoint = str(e)

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from official_shapemask.modeling import factory
-from official_shapemask.weights import checkpoints
+from official_shapemask.weights import restore_report
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
 from official_shapemask.training import train_loop
@@ -81,7 +81,7 @@ def coco_checkpoint(tmp_path_factory):
 
 def _values(model):
   return {p: v.numpy() for p, v in
-          checkpoints.model_variable_paths(model).items()}
+          restore_report.model_variable_paths(model).items()}
 
 
 # ------------------------------------------------------------ configuration

@@ -18,6 +18,7 @@ from keras import ops
 
 from official_shapemask.modeling import factory
 from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
 from official_shapemask.weights import init_checkpoint
 from official_shapemask.weights import tf1_checkpoints
 from official_shapemask.weights import tf1_names
@@ -289,7 +290,7 @@ def test_a_hanging_read_times_out(monkeypatch):
 
   monkeypatch.setattr(tf1_checkpoints, "_open", hang)
   start = time.time()
-  with pytest.raises(tf1_checkpoints.CheckpointTimeoutError,
+  with pytest.raises(errors.CheckpointTimeoutError,
                      match="gs://bucket/ckpt.*within 0.5 s"):
     tf1_checkpoints.open_checkpoint("gs://bucket/ckpt", timeout_s=0.5)
   assert time.time() - start < 5
@@ -337,12 +338,12 @@ def test_restores_under_the_jax_backend(run_under_jax, tmp_path):
 
 _HANG_SCRIPT = """
 import time
-from official_shapemask.weights import tf1_checkpoints
+from official_shapemask.weights import errors, tf1_checkpoints
 tf1_checkpoints._open = lambda path: time.sleep(600)
 start = time.time()
 try:
   tf1_checkpoints.open_checkpoint("gs://bucket/ckpt", timeout_s=1)
-except tf1_checkpoints.CheckpointTimeoutError as e:
+except errors.CheckpointTimeoutError as e:
   print("TIMEOUT", round(time.time() - start, 1), e)
 """
 
