@@ -8,8 +8,9 @@ The Keras backend chooses the engine: TensorFlow (default) runs the
 tf.distribute loop; `KERAS_BACKEND=jax python train.py ...` runs the JAX
 engine (keras.distribution over every device; same gin files and outputs).
 
-Short gin names are looked up in gin/; paths work too. See README.md for the
-seed's commands and their equivalents.
+Short gin names are looked up among the package's gin files (gin/ in a
+checkout); paths work too. See README.md for the seed's commands and their
+equivalents.
 """
 
 import sys
@@ -22,7 +23,8 @@ from official_shapemask.cli import entry
 
 _GIN_FILES = flags.DEFINE_multi_string(
     "gin_file", [], "gin config file; repeatable, later files override "
-    "earlier ones. A short name such as shapemask_r101.gin is found in gin/.")
+    "earlier ones. A short name such as shapemask_r101.gin is found among the "
+    "package's gin files (gin/ in a checkout).")
 _BINDINGS = flags.DEFINE_multi_string(
     "gin_bindings", [], "a gin binding 'NAME=VALUE' applied after the files; "
     "repeatable, e.g. --gin_bindings=\"TRAIN_FILE_PATTERN='data/train-*'\".")
