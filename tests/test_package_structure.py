@@ -1,4 +1,4 @@
-"""The import graph of the package, tools/ and train.py: layers, privacy, cycles.
+"""Import graph of the package, tools/ and train.py: layers, privacy, cycles.
 
 Reads the source with `ast` (nothing is imported), so it also covers imports
 made inside functions. The layers, lowest first (a module imports its own

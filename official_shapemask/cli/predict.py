@@ -175,8 +175,10 @@ def _load_predictor():
                          '--checkpoint')
   if FLAGS.batch_size < 1:
     raise app.UsageError('--batch_size must be >= 1')
-  from official_shapemask.modeling import factory  # pylint: disable=g-import-not-at-top
-  from official_shapemask.training import gin_utils  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from official_shapemask.modeling import factory
+  from official_shapemask.training import gin_utils
+  # pylint: enable=g-import-not-at-top
   gin_utils.parse_config(FLAGS.gin_file, FLAGS.gin_bindings)
   return predictor_lib.Predictor.from_checkpoint(
       factory.build_shapemask_model(), FLAGS.checkpoint,

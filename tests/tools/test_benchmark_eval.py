@@ -1,4 +1,4 @@
-"""tools/bench/benchmark_eval.py at a tiny size: stages, checks and the JSON line."""
+"""tools/bench/benchmark_eval.py at a tiny size: stages, checks, JSON line."""
 import json
 import pathlib
 import subprocess

@@ -74,7 +74,8 @@ def test_converts_a_tf1_checkpoint_into_ours(tf1_oracle, tmp_path):
 
 def test_cli_fails_in_one_line_naming_the_file(tmp_path):
   missing = tmp_path / "nothing" / "model.ckpt-1"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  # tools/ runs the checkout's package (PYTHONPATH), not an installed one.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO_ROOT))
   result = subprocess.run(
       [sys.executable, str(REPO_ROOT / "tools" / "convert_tf1_checkpoint.py"),
        f"--checkpoint={missing}", "--gin_file=tiny_cpu.gin",

@@ -76,7 +76,7 @@ Built-in configurations (``--config``): ``r50_256`` (default), ``r50_640``,
 instead (shape priors: always ``--num_clusters`` random priors).
 
 Examples:
-  python -m tools.bench.benchmark --peer                      # R50, 256 px, b2
+  python -m tools.bench.benchmark --peer            # R50, 256 px, b2
   python -m tools.bench.benchmark --peer --config=r50_640
   python -m tools.bench.benchmark --peer --precision=mixed_bfloat16
   python -m tools.bench.benchmark --workers=2
@@ -220,8 +220,8 @@ def main(argv=None):
   runner = runner_lib.Runner(args, workdir)
   print(json.dumps({
       "run": "benchmark", "date": common.now(), "command": " ".join(
-          ["python", "-m", "tools.bench.benchmark"] + (argv if argv is not None else
-                                              sys.argv[1:])),
+          ["python", "-m", "tools.bench.benchmark"] +
+          (argv if argv is not None else sys.argv[1:])),
       "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
                  f"{platform.processor() or platform.platform()}",
       "load_avg": [round(x, 2) for x in os.getloadavg()],

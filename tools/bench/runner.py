@@ -1,7 +1,7 @@
 """The benchmark's orchestration: measurement subprocesses and summaries.
 
-`Runner` starts each measurement as `-m tools.bench.benchmark --_worker SPEC` in a
-subprocess of its own (its own peak memory; one failure or timeout does not
+`Runner` starts each measurement as `python -m tools.bench.benchmark --_worker
+SPEC` in a subprocess of its own (its own peak memory; one failure or timeout does not
 stop the run) and records its JSON line; `run_tensorflow`, `run_workers` and
 `run_jax` are the three kinds of runs and return their summary line.
 `run_worker` is the subprocess side: it imports only the worker family it
