@@ -27,9 +27,7 @@ Example:
 
 import json
 import os
-import sys
 
-from absl import app
 from absl import flags
 
 from official_shapemask import quiet_logs

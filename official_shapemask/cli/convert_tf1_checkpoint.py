@@ -40,7 +40,6 @@ Examples:
       --gin_bindings="SHAPE_PRIOR_PATH='...'" --output=/data/r101_init/ckpt
 """
 
-import os
 import sys
 
 from absl import app

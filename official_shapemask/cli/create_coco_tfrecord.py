@@ -12,7 +12,6 @@ Writes ``out/val-0000{0..3}-of-00004.tfrecord`` and ``out/val_label_map.json``.
 Bad input stops the run with a one-line error and exit status 1.
 """
 
-import os
 import sys
 
 from absl import app

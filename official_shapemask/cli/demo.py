@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 from official_shapemask import quiet_logs

@@ -24,7 +24,6 @@ The export is written to a temporary directory next to --export_dir and
 renamed into place when complete.
 """
 
-import os
 import sys
 
 from absl import app

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from official_shapemask.modeling import factory
+from official_shapemask.weights import checkpoints
 from official_shapemask.weights import restore_report
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
