@@ -12,7 +12,7 @@ the mapping: port variable -> our variable, shape) and writes our weights:
 - `--output=DIR/ckpt` (no `.weights.h5` suffix): a
   `tf.train.Checkpoint(model=...)` prefix, written only when TensorFlow's
   object graph reaches every variable of the model (see
-  `legacy_converter.save_model_weights`).
+  `checkpoints.save_model_weights`).
 
 The shape priors come from the port's `shapemask_head.shape_prior_path`
 (override with `--shape_prior_path` when that path is not reachable); they
@@ -27,15 +27,11 @@ Example:
 
 import json
 import os
-import sys
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top
+from absl import flags
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
+from official_shapemask import quiet_logs
+from official_shapemask.cli import entry
 
 FLAGS = flags.FLAGS
 
@@ -85,12 +81,13 @@ def convert(legacy_model_dir=None,
   """
   import numpy as np
   from official_shapemask.modeling import factory
-  from official_shapemask.serving import legacy_converter
-  from official_shapemask.serving import legacy_shapemask
+  from official_shapemask.weights import checkpoints
+  from official_shapemask.weights import legacy_converter
+  from official_shapemask.weights import legacy_shapemask
 
   say = print_fn or (lambda *a, **k: None)
   if output:  # Before the slow part: never into a training run's directory.
-    legacy_converter.check_output(output)
+    checkpoints.check_output(output)
   params_path = legacy_params or legacy_model_dir
   if not params_path:
     raise ValueError("give --legacy_model_dir or --legacy_params")
@@ -119,7 +116,7 @@ def convert(legacy_model_dir=None,
   if print_mapping:
     say(report.table())
   if output:
-    written = legacy_converter.save_model_weights(model, output)
+    written = checkpoints.save_model_weights(model, output)
     say("Wrote " + ", ".join(written))
   parity = None
   if verify_batch_size > 0:
@@ -155,7 +152,12 @@ def main(argv):
     os.replace(tmp, FLAGS.verify_json)
 
 
-if __name__ == "__main__":
+def console_entry():
+  """Entry point of the console script and of the tools/ launcher."""
   quiet_logs.install()  # Before TensorFlow is imported.
   _define_flags()
-  app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == "__main__":
+  console_entry()

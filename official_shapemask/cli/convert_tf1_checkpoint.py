@@ -40,16 +40,13 @@ Examples:
       --gin_bindings="SHAPE_PRIOR_PATH='...'" --output=/data/r101_init/ckpt
 """
 
-import os
 import sys
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top
+from absl import app
+from absl import flags
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
+from official_shapemask import quiet_logs
+from official_shapemask.cli import entry
 
 FLAGS = flags.FLAGS
 
@@ -97,14 +94,13 @@ def convert(checkpoint, output, gin_files=(), gin_bindings=(), prefix=None,
   # pylint: disable=g-import-not-at-top
   import gin
   from official_shapemask.modeling import factory
-  from official_shapemask.serving import legacy_converter
-  from official_shapemask.training import checkpoints
+  from official_shapemask.weights import checkpoints
   from official_shapemask.training import gin_utils
   from official_shapemask.training import shape_prior_files
   # pylint: enable=g-import-not-at-top
   say = print_fn or (lambda *a, **k: None)
   if output:  # Before the slow part: never into a training run's directory.
-    legacy_converter.check_output(output)
+    checkpoints.check_output(output)
   with gin.unlock_config():
     gin.clear_config()
   gin_utils.parse_config(list(gin_files), list(gin_bindings))
@@ -121,7 +117,7 @@ def convert(checkpoint, output, gin_files=(), gin_bindings=(), prefix=None,
         "write them with their initial values")
   written = []
   if output:
-    written = legacy_converter.save_model_weights(model, output)
+    written = checkpoints.save_model_weights(model, output)
     say("Wrote " + ", ".join(written))
   return model, report, written
 
@@ -142,7 +138,12 @@ def main(argv):
   return 0
 
 
-if __name__ == "__main__":
+def console_entry():
+  """Entry point of the console script and of the tools/ launcher."""
   quiet_logs.install()  # Before TensorFlow is imported.
   _define_flags()
-  app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == "__main__":
+  console_entry()

@@ -12,16 +12,13 @@ Writes ``out/val-0000{0..3}-of-00004.tfrecord`` and ``out/val_label_map.json``.
 Bad input stops the run with a one-line error and exit status 1.
 """
 
-import os
 import sys
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top
+from absl import app
+from absl import flags
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
+from official_shapemask import quiet_logs
+from official_shapemask.cli import entry
 
 FLAGS = flags.FLAGS
 
@@ -45,7 +42,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help answers without loading TensorFlow.
-  from official_shapemask.dataloaders import coco_tfrecord  # pylint: disable=g-import-not-at-top
+  from official_shapemask.data_prep import coco_tfrecord  # pylint: disable=g-import-not-at-top
   try:
     summary = coco_tfrecord.convert_coco_to_tfrecords(
         image_dir=FLAGS.image_dir,
@@ -67,7 +64,12 @@ def main(argv):
   return 0
 
 
-if __name__ == '__main__':
+def console_entry():
+  """Entry point of the console script and of the tools/ launcher."""
   quiet_logs.install()  # Before TensorFlow is imported.
   _define_flags()
-  app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_entry()

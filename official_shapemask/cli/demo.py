@@ -27,13 +27,10 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from official_shapemask import quiet_logs
+from official_shapemask.cli import entry
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_out",
                                   "where the data, run and pictures go")
@@ -79,11 +76,15 @@ def check_output_dir(out, records):
 
 
 def _run(title, args):
-  """Runs one tool, streaming its output; stops the demo if it fails."""
-  print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
+  """Runs one tool, streaming its output; stops the demo if it fails.
+
+  `args[0]` names the program (`official_shapemask.cli.<name>`, what
+  `tools/<name>.py` and `train.py` run), the rest are its flags.
+  """
+  args = ["-m", f"official_shapemask.cli.{args[0]}"] + list(args[1:])
+  print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  proc = subprocess.run([sys.executable] + args, cwd=REPO, env=env,
-                        check=False)
+  proc = subprocess.run([sys.executable] + args, env=env, check=False)
   if proc.returncode:
     raise SystemExit(f"demo: step '{title}' failed (exit {proc.returncode})")
 
@@ -124,19 +125,19 @@ def main(argv):
     shutil.rmtree(run_dir)  # The demo's own run (checked above).
 
   _run("1/6 synthetic COCO dataset", [
-      "tools/make_synthetic_coco.py", f"--output_dir={data}",
+      "make_synthetic_coco", f"--output_dir={data}",
       f"--num_train={_NUM_TRAIN.value}", f"--num_val={_NUM_VAL.value}",
       "--image_size=160", "--seed=0"
   ])
   for split in ("train", "val"):
     _run(f"2/6 TFRecords ({split})", [
-        "tools/create_coco_tfrecord.py", f"--image_dir={data}/{split}",
+        "create_coco_tfrecord", f"--image_dir={data}/{split}",
         f"--object_annotations_file={data}/annotations/instances_{split}.json",
         f"--output_file_prefix={records}/{split}", "--num_shards=4"
     ])
   priors = os.path.join(data, "shape_priors.npy")
   _run("3/6 shape priors", [
-      "tools/generate_shape_priors.py",
+      "generate_shape_priors",
       f"--annotation_file={data}/annotations/instances_train.json",
       f"--output={priors}", "--num_clusters=8"
   ])
@@ -148,7 +149,7 @@ def main(argv):
   ]
   if _STEPS.value:
     bindings.append(f"--gin_bindings=TOTAL_STEPS={_STEPS.value}")
-  _run("4/6 train and evaluate", ["train.py", "--gin_file=demo.gin"] +
+  _run("4/6 train and evaluate", ["train", "--gin_file=demo.gin"] +
        bindings + [f"--model_dir={run_dir}", "--mode=train_and_eval"])
 
   evals = sorted(glob.glob(os.path.join(run_dir, "eval_*.json")),
@@ -160,7 +161,7 @@ def main(argv):
 
   export_dir = os.path.join(out, "saved_model")
   _run("5/6 SavedModel export", [
-      "tools/export_saved_model.py", "--gin_file=demo.gin"
+      "export_saved_model", "--gin_file=demo.gin"
   ] + bindings + [f"--checkpoint={run_dir}", f"--export_dir={export_dir}",
                   "--overwrite"])  # The demo's own output: rebuilt each run.
   val_images = sorted(glob.glob(os.path.join(data, "val", "*.png")))
@@ -171,7 +172,7 @@ def main(argv):
   for path in val_images[:_NUM_PREDICT.value]:
     shutil.copy(path, sample)
   _run("6/6 predictions with overlays", [
-      "tools/predict.py", f"--saved_model={export_dir}",
+      "predict", f"--saved_model={export_dir}",
       f"--images={sample}/*.png", f"--output_dir={pictures}",
       f"--label_map={records}/train_label_map.json"
   ])
@@ -195,7 +196,12 @@ def main(argv):
         f"minutes={minutes:.1f}")
 
 
-if __name__ == "__main__":
+def console_entry():
+  """Entry point of the console script and of the tools/ launcher."""
   # One stderr filter for every step (the tools see it and add none).
   quiet_logs.install()
-  app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == "__main__":
+  console_entry()

@@ -26,17 +26,14 @@ only: a directory holding anything else (a training run's checkpoints,
 config.gin, logs) is refused, before the checkpoint is read.
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top
+from official_shapemask import quiet_logs
+from official_shapemask.cli import entry
 
 FLAGS = flags.FLAGS
 
@@ -103,7 +100,12 @@ def main(argv):
   return 0
 
 
-if __name__ == '__main__':
+def console_entry():
+  """Entry point of the console script and of the tools/ launcher."""
   quiet_logs.install()  # Before TensorFlow is imported.
   _define_flags()
-  app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_entry()

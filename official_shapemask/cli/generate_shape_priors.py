@@ -29,11 +29,8 @@ import sys
 from absl import app
 from absl import flags
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
-from official_shapemask.dataloaders import shape_priors  # pylint: disable=g-import-not-at-top
+from official_shapemask.cli import entry
+from official_shapemask.data_prep import shape_priors
 
 _ANNOTATION_FILE = flags.DEFINE_string(
     'annotation_file', None, 'COCO instances JSON (e.g. train2017).')
@@ -91,5 +88,10 @@ def main(argv):
     print(f'wrote prior grid {width}x{height} px to {grid}')
 
 
+def console_entry():
+  """Entry point of the console script and of the tools/ launcher."""
+  entry.run(main, __name__)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  console_entry()

@@ -334,7 +334,12 @@ def main(argv):
   return 0
 
 
-if __name__ == '__main__':
-  from absl import app as absl_app  # pylint: disable=g-import-not-at-top
+def console_entry():
+  """Entry point of the console script and of the tools/ launcher."""
+  from official_shapemask.cli import entry  # pylint: disable=g-import-not-at-top
   _define_flags()
-  absl_app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_entry()

@@ -45,10 +45,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top
+from official_shapemask import quiet_logs
+from official_shapemask.cli import entry
 
 FLAGS = flags.FLAGS
 
@@ -177,8 +175,15 @@ def _load_predictor():
                          '--checkpoint')
   if FLAGS.batch_size < 1:
     raise app.UsageError('--batch_size must be >= 1')
+  # pylint: disable=g-import-not-at-top
+  from official_shapemask.modeling import factory
+  from official_shapemask.training import gin_utils
+  from official_shapemask.training import shape_prior_files
+  # pylint: enable=g-import-not-at-top
+  gin_utils.parse_config(FLAGS.gin_file, FLAGS.gin_bindings)
   return predictor_lib.Predictor.from_checkpoint(
-      FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.checkpoint,
+      factory.build_shapemask_model(**shape_prior_files.model_overrides()),
+      FLAGS.checkpoint,
       batch_size=FLAGS.batch_size)
 
 
@@ -249,7 +254,12 @@ def main(argv):
   return 0
 
 
-if __name__ == '__main__':
+def console_entry():
+  """Entry point of the console script and of the tools/ launcher."""
   quiet_logs.install()  # Before TensorFlow is imported.
   _define_flags()
-  app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_entry()

@@ -8,22 +8,23 @@ The Keras backend chooses the engine: TensorFlow (default) runs the
 tf.distribute loop; `KERAS_BACKEND=jax python train.py ...` runs the JAX
 engine (keras.distribution over every device; same gin files and outputs).
 
-Short gin names are looked up in gin/; paths work too. See README.md for the
-seed's commands and their equivalents.
+Short gin names are looked up among the package's gin files (gin/ in a
+checkout); paths work too. See README.md for the seed's commands and their
+equivalents.
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from official_shapemask import quiet_logs
+from official_shapemask.cli import entry
 
 _GIN_FILES = flags.DEFINE_multi_string(
     "gin_file", [], "gin config file; repeatable, later files override "
-    "earlier ones. A short name such as shapemask_r101.gin is found in gin/.")
+    "earlier ones. A short name such as shapemask_r101.gin is found among the "
+    "package's gin files (gin/ in a checkout).")
 _BINDINGS = flags.DEFINE_multi_string(
     "gin_bindings", [], "a gin binding 'NAME=VALUE' applied after the files; "
     "repeatable, e.g. --gin_bindings=\"TRAIN_FILE_PATTERN='data/train-*'\".")
@@ -72,18 +73,25 @@ def main(argv):
   from official_shapemask.training import modes
   from official_shapemask.training import run_lock
   from official_shapemask.training import train_loop
+  from official_shapemask.weights import errors
   try:
     gin_utils.parse_config(_GIN_FILES.value, _BINDINGS.value)
     modes.run(mode=_MODE.value, model_dir=_MODEL_DIR.value,
               strategy_name=_STRATEGY.value, tpu=_TPU.value,
               eval_timeout=_EVAL_TIMEOUT.value)
   except (gin_utils.ConfigError, experiment.InvalidInputError,
-          train_loop.DivergenceError, run_lock.RunDirError) as e:
-    # Configuration and input errors, a model_dir that cannot be used
-    # (another run holds it), and a diverged run: one clear line.
+          errors.CheckpointError, train_loop.DivergenceError,
+          run_lock.RunDirError) as e:
+    # Configuration, input and checkpoint errors, a model_dir that cannot
+    # be used (another run holds it), and a diverged run: one clear line.
     sys.exit(f"train.py: error: {e}")
 
 
-if __name__ == "__main__":
+def console_entry():
+  """Entry point of the console script and of train.py."""
   quiet_logs.install()  # Before TensorFlow is imported.
-  app.run(main)
+  entry.run(main, __name__)
+
+
+if __name__ == "__main__":
+  console_entry()

@@ -43,7 +43,9 @@ import tensorflow as tf
 from official.vision.ops import preprocess_ops
 from official_shapemask.dataloaders import image_ops
 from official_shapemask.serving import export_dirs
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
+from official_shapemask.weights import paths
 
 SIGNATURE_IMAGE_TENSOR = 'image_tensor'
 SIGNATURE_IMAGE_BYTES = 'image_bytes'
@@ -202,7 +204,7 @@ def restore_model(model, checkpoint):
   if (tf.io.gfile.isdir(checkpoint) and
       tf.train.latest_checkpoint(checkpoint) is None):
     # A JAX-engine model directory: its weights file for export.
-    weights = checkpoints.latest_model_weights(checkpoint)
+    weights = paths.latest_model_weights(checkpoint)
     if weights is None and _orbax_checkpoints(checkpoint):
       raise FileNotFoundError(
           f'{checkpoint} holds JAX-engine (Orbax) checkpoints, which export '
@@ -211,8 +213,8 @@ def restore_model(model, checkpoint):
           'model_dir when it reaches its total steps (--checkpoint=<model_dir> '
           'finds the newest)')
     checkpoint = weights or checkpoint
-  path = checkpoints.resolve_checkpoint(checkpoint)
-  if checkpoints.is_keras_weights_file(path):
+  path = paths.resolve_checkpoint(checkpoint)
+  if paths.is_keras_weights_file(path):
     return checkpoints.load_model_weights(model, path)
   root = tf.train.Checkpoint(model=model)
   try:
@@ -227,7 +229,7 @@ def restore_model(model, checkpoint):
     # Truncated data reads short (IndexError), overwritten bytes fail the
     # checksum, a data file is missing.
     raise ValueError(
-        f'checkpoint {path} cannot be read ({checkpoints.first_line(e)}); '
+        f'checkpoint {path} cannot be read ({errors.first_line(e)}); '
         f'give an earlier one, e.g. --checkpoint={path.rsplit("-", 1)[0]}-N '
         f'(see {os.path.dirname(path) or "."}/checkpoint)') from e
   untracked = untracked_variables(model)

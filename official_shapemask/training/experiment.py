@@ -19,10 +19,11 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
 from official_shapemask.modeling import shapemask_model
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
-from official_shapemask.training import init_checkpoint as init_ckpt
+from official_shapemask.weights import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
 from official_shapemask.training import optimizers
 from official_shapemask.training import shape_prior_files
@@ -80,7 +81,7 @@ def data_error(error, pattern, setting):
         f"leave it out of {pattern!r}")
   return InvalidInputError(
       f"{setting}={pattern!r}: a TFRecord file is damaged "
-      f"({checkpoints.first_line(error)}), but no single file fails there "
+      f"({errors.first_line(error)}), but no single file fails there "
       f"when read alone")
 
 
@@ -520,7 +521,7 @@ class Experiment:
       latest = checkpoints.restore_newest_readable(
           self.checkpoint, ckpt_dir, move_unreadable=True,
           print_fn=self.print_fn)
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
     if latest:
       self._resumed = True
@@ -722,7 +723,7 @@ class Experiment:
     """
     try:
       checkpoints.restore_checkpoint(self.checkpoint, checkpoint_path)
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
     if self.chief:
       operative_config.write_eval_config(self.model_dir)
@@ -744,7 +745,7 @@ class Experiment:
       path = checkpoints.restore_newest_readable(
           self.checkpoint, self.model_dir, move_unreadable=False,
           print_fn=self.print_fn)
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
     if path is None:
       raise InvalidInputError(f"no checkpoint in {self.model_dir}")

@@ -38,8 +38,8 @@ def main(argv):
     return 2
   from official_shapemask.modeling import factory
   from official_shapemask.training import gin_utils
-  from official_shapemask.training import init_checkpoint
   from official_shapemask.training import shape_prior_files
+  from official_shapemask.weights import init_checkpoint
   try:
     gin_utils.parse_config([config], [])
     # A remote prior file: the copy the engine made before it started us.

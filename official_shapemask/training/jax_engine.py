@@ -53,11 +53,11 @@ import tensorflow as tf
 
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import paths
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
 from official_shapemask.training import experiment
-from official_shapemask.training import jax_checkpoints
+from official_shapemask.weights import jax_checkpoints
 from official_shapemask.training import jax_step
 from official_shapemask.training import operative_config
 from official_shapemask.training import train_loop
@@ -388,7 +388,7 @@ class JaxExperiment:
     if step >= self.total_steps:
       self.train_step.assign(self.state)
       path = jax_checkpoints.write_keras_weights(
-          self.model, checkpoints.model_weights_path(self.model_dir, step))
+          self.model, paths.model_weights_path(self.model_dir, step))
       if path:
         self.print_fn(f"Wrote the weights for export: {path}")
     return losses

@@ -1,7 +1,7 @@
 """The JAX engine's compiled train and predict steps (no TensorFlow).
 
 `TrainStep` is the one training step of `KERAS_BACKEND=jax python train.py`
-and of `tools/benchmark.py --backend=jax`: a `jax.jit` of the model's
+and of `tools/bench/benchmark.py --backend=jax`: a `jax.jit` of the model's
 training forward pass and `ShapeMaskModel.compute_losses` (the loss the
 TensorFlow loop and `fit` use) inside a `keras.StatelessScope`,
 `jax.value_and_grad`, an optional global-norm clip and the Keras

@@ -1,4 +1,4 @@
-"""Checkpoint paths and partial restore for fine-tuning.
+"""TensorFlow checkpoints and Keras weights files of our model.
 
 Two sources initialise a model (`Experiment.init_checkpoint`):
 
@@ -17,6 +17,10 @@ Two sources initialise a model (`Experiment.init_checkpoint`):
   initialises `backbone` or `backbone_fpn`; Keras checks names and shapes
   and any mismatch (another depth or width) fails naming the file.
 
+`save_model_weights` (a whole model) and `save_backbone_weights` write such
+files, under a temporary name first (`atomic`); `load_model_weights` reads a
+whole model's. Which file a path names is `paths.resolve_checkpoint`.
+
 Resuming (`restore_newest_readable`) restores the newest checkpoint of a
 model directory that reads cleanly: a checkpoint whose files are truncated,
 overwritten or missing is named, moved into `<model_dir>/unreadable/` (when
@@ -26,20 +30,24 @@ files).
 """
 
 import os
-import tempfile
 import re
-import uuid
+import tempfile
 
 import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from official_shapemask.training import restore_report
-from official_shapemask.training import tf1_checkpoints
+from official_shapemask.weights import atomic
+from official_shapemask.weights import errors
+from official_shapemask.weights import paths
+from official_shapemask.weights import restore_report
+from official_shapemask.weights import tf1_checkpoints
 
 MODULES = restore_report.MODULES
 RestoreReport = restore_report.RestoreReport
 model_variable_paths = restore_report.model_variable_paths
+KERAS_WEIGHTS_SUFFIX = paths.KERAS_WEIGHTS_SUFFIX
+is_keras_weights_file = paths.is_keras_weights_file
 
 
 def _checkpoint_keys_by_path(path):
@@ -66,13 +74,6 @@ def _checkpoint_keys_by_path(path):
         visited_paths += 1
     frontier = next_frontier
   return reader, found
-
-
-KERAS_WEIGHTS_SUFFIX = ".weights.h5"
-
-
-def is_keras_weights_file(path):
-  return str(path).endswith(KERAS_WEIGHTS_SUFFIX)
 
 
 class _ModuleWeights(keras.Model):
@@ -104,16 +105,7 @@ def save_backbone_weights(model_or_backbone, path):
     raise ValueError(f"a Keras weights file must end in "
                      f"{KERAS_WEIGHTS_SUFFIX}: {path}")
   backbone = getattr(model_or_backbone, "backbone", model_or_backbone)
-  directory = os.path.dirname(os.path.abspath(path))
-  tmp = os.path.join(directory,
-                     f".tmp-{uuid.uuid4().hex}{KERAS_WEIGHTS_SUFFIX}")
-  try:
-    _ModuleWeights(backbone=backbone).save_weights(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  return atomic.write_file(path, _ModuleWeights(backbone=backbone).save_weights)
 
 
 def restore_keras_weights(model, path, modules="backbone", print_fn=print):
@@ -158,6 +150,67 @@ def restore_keras_weights(model, path, modules="backbone", print_fn=print):
   return report
 
 
+# Entries that make a directory a training run's model directory (a
+# TensorFlow checkpoint list, the JAX engine's Orbax folder, the run's
+# operative config).
+_RUN_MARKERS = ("checkpoint", "checkpoints", "config.gin")
+
+
+def check_output(output_path):
+  """Refuses an output inside a training run's model directory.
+
+  A converted checkpoint written there could replace the run's own
+  checkpoint files (`ckpt-N.*`, `shapemask-N.weights.h5`).
+
+  Raises:
+    ValueError: one line naming the output and what marks the directory.
+  """
+  directory = os.path.dirname(output_path) or "."
+  found = [name for name in _RUN_MARKERS
+           if tf.io.gfile.exists(os.path.join(directory, name))]
+  if found:
+    raise ValueError(
+        f"--output={output_path} would write into {directory}, a training "
+        f"run's model directory (it holds {', '.join(found)}), and could "
+        "replace its checkpoints; give a path in another directory")
+
+
+def save_model_weights(model, output_path):
+  """Writes our weights atomically; returns the files written.
+
+  `*.weights.h5` (recommended): a Keras weights file with every variable;
+  loads on every backend (`model.load_weights`), no TensorFlow needed.
+
+  Anything else: a `tf.train.Checkpoint(model=model)` prefix. Under Keras 3
+  TensorFlow's object graph does not follow layers held in Python lists or
+  dicts (ResNet blocks, FPN levels, head towers), so such a checkpoint would
+  lack most variables; it is written only when it holds every one of them,
+  otherwise ValueError names the shortfall. An output inside a training
+  run's model directory is refused (`check_output`).
+  """
+  check_output(output_path)
+  if is_keras_weights_file(output_path):
+    return [atomic.write_file(output_path, model.save_weights)]
+  root = tf.train.Checkpoint(model=model)
+  # Created now so the file holds it: `export.restore_model` (and any
+  # `restore(...).assert_existing_objects_matched()`) expects every object
+  # of a `tf.train.Checkpoint`, the save counter included.
+  _ = root.save_counter
+
+  def write(tmp):
+    root.write(tmp)
+    saved = [name for name, _ in tf.train.list_variables(tmp)
+             if name.endswith("VARIABLE_VALUE")]
+    if len(saved) < len(model.weights):
+      raise ValueError(
+          f"a tf.train.Checkpoint of this model holds {len(saved)} of its "
+          f"{len(model.weights)} variables (layers kept in lists/dicts are "
+          f"not tracked by TensorFlow under Keras 3); write "
+          f"{output_path}.weights.h5 instead")
+
+  return atomic.write_prefix(output_path, write)
+
+
 def restore_tf1_checkpoint(model, path, prefix=None, modules="backbone",
                            print_fn=print):
   """Restores `model` from a TF1 name-based checkpoint of the seed's code.
@@ -179,31 +232,6 @@ def restore_tf1_checkpoint(model, path, prefix=None, modules="backbone",
   """
   return tf1_checkpoints.restore(model, path, prefix=prefix, modules=modules,
                                  print_fn=print_fn)
-
-
-MODEL_WEIGHTS_PREFIX = "shapemask-"
-
-
-def model_weights_path(model_dir, step):
-  """`model_dir/shapemask-<step>.weights.h5`: a whole model's Keras weights.
-
-  The JAX engine writes one at the end of training (its own checkpoints are
-  Orbax folders); the export tools read it on any backend.
-  """
-  return os.path.join(model_dir,
-                      f"{MODEL_WEIGHTS_PREFIX}{step}{KERAS_WEIGHTS_SUFFIX}")
-
-
-def latest_model_weights(model_dir):
-  """The `shapemask-<step>.weights.h5` of `model_dir` with the highest step."""
-  best = None
-  for path in tf.io.gfile.glob(
-      os.path.join(model_dir, f"{MODEL_WEIGHTS_PREFIX}*{KERAS_WEIGHTS_SUFFIX}")):
-    step = os.path.basename(path)[len(MODEL_WEIGHTS_PREFIX):-len(
-        KERAS_WEIGHTS_SUFFIX)]
-    if step.isdigit() and (best is None or int(step) > best[0]):
-      best = (int(step), path)
-  return best[1] if best else None
 
 
 def load_model_weights(model, path):
@@ -236,25 +264,6 @@ def load_model_weights(model, path):
   return path
 
 
-def resolve_checkpoint(path):
-  """A checkpoint prefix from a file prefix or a model directory.
-
-  A Keras weights file (`*.weights.h5`) resolves to itself.
-  """
-  if is_keras_weights_file(path):
-    if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(f"Keras weights file not found: {path}")
-    return path
-  if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
-      raise FileNotFoundError(f"no checkpoint found in directory {path}")
-    return latest
-  if not tf.io.gfile.glob(path + ".index") and not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"checkpoint not found: {path}")
-  return path
-
-
 def restore_partial(model, checkpoint_path, modules="all", print_fn=print):
   """Restores matching variables of `model` from a ShapeMask checkpoint.
 
@@ -276,7 +285,7 @@ def restore_partial(model, checkpoint_path, modules="all", print_fn=print):
                      f"{sorted(MODULES)}")
   if is_keras_weights_file(checkpoint_path):
     return restore_keras_weights(model, checkpoint_path, modules, print_fn)
-  checkpoint_path = resolve_checkpoint(checkpoint_path)
+  checkpoint_path = paths.resolve_checkpoint(checkpoint_path)
   reader, keys = _checkpoint_keys_by_path(checkpoint_path)
   wanted = MODULES[modules]
   report = RestoreReport(restored=[], skipped=[])
@@ -303,10 +312,6 @@ def restore_partial(model, checkpoint_path, modules="all", print_fn=print):
     print_fn(f"Restored from {checkpoint_path} (modules={modules}):\n"
              + report.table())
   return report
-
-
-class CheckpointError(ValueError):
-  """A checkpoint cannot be read or does not fit the model; names it."""
 
 
 UNREADABLE_DIR = "unreadable"
@@ -359,13 +364,6 @@ _NOT_DAMAGE = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                tf.errors.ResourceExhaustedError,
                tf.errors.PermissionDeniedError,
                tf.errors.UnauthenticatedError)
-
-
-def first_line(error):
-  """`Type: first line of the message` of an exception."""
-  text = getattr(error, "message", None) or str(error) or type(error).__name__
-  lines = [line for line in text.strip().splitlines() if line.strip()]
-  return f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
 
 
 def _checkpoint_files(prefix):
@@ -434,13 +432,13 @@ def _restore(checkpoint, prefix, directory):
   except (IndexError, FileNotFoundError, tf.errors.OpError) as e:
     # Truncated data reads short (IndexError), overwritten bytes fail the
     # checksum (DataLossError), a missing or damaged file is an OpError.
-    raise _Unreadable(first_line(e)) from None
+    raise _Unreadable(errors.first_line(e)) from None
   except (AssertionError, ValueError) as e:
-    raise CheckpointError(
+    raise errors.CheckpointError(
         f"checkpoint {prefix} does not match the model and optimizer built "
         f"from the gin config (the gin files and bindings of the run that "
         f"wrote it are in {os.path.join(directory, 'config.gin')}): "
-        f"{first_line(e)}") from None
+        f"{errors.first_line(e)}") from None
 
 
 def restore_checkpoint(checkpoint, prefix):
@@ -453,7 +451,8 @@ def restore_checkpoint(checkpoint, prefix):
   try:
     _restore(checkpoint, prefix, os.path.dirname(prefix))
   except _Unreadable as e:
-    raise CheckpointError(f"checkpoint {prefix} cannot be read ({e})") from None
+    raise errors.CheckpointError(
+        f"checkpoint {prefix} cannot be read ({e})") from None
 
 
 def restore_newest_readable(checkpoint, directory, move_unreadable=False,
@@ -504,7 +503,7 @@ def restore_newest_readable(checkpoint, directory, move_unreadable=False,
     break
   if restored is None:
     details = "; ".join(f"{p} ({why})" for p, why in unreadable)
-    raise CheckpointError(
+    raise errors.CheckpointError(
         f"no checkpoint in {directory} can be read: {details}. Move them "
         f"away to start from scratch, or restore them from a copy")
   if unreadable:

@@ -18,9 +18,11 @@ Another kind of file is one more branch in `checkpoint_kind` and `restore`.
 
 import tensorflow as tf
 
-from official_shapemask.training import checkpoints
-from official_shapemask.training import keras_hub_weights
-from official_shapemask.training import tf1_checkpoints
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import keras_hub_weights
+from official_shapemask.weights import paths
+from official_shapemask.weights import restore_report
+from official_shapemask.weights import tf1_checkpoints
 
 KERAS_WEIGHTS = "keras_weights"
 TF2 = "tf2"
@@ -32,7 +34,7 @@ def _kind_and_names(path, timeout_s):
   """`(kind, name -> shape or None)`; reads the file's index once."""
   if keras_hub_weights.is_keras_hub_preset(path):
     return KERAS_HUB, None
-  if checkpoints.is_keras_weights_file(path):
+  if paths.is_keras_weights_file(path):
     exists = tf1_checkpoints.call_with_timeout(
         lambda: tf.io.gfile.exists(path), timeout_s, path)
     if not exists:
@@ -77,9 +79,9 @@ def validate(path, prefix=None, modules="backbone", depth=None,
     ImportError: a keras-hub preset without keras-hub installed.
     RuntimeError: keras-hub cannot fetch or read the preset's config.
   """
-  if modules not in checkpoints.MODULES:
+  if modules not in restore_report.MODULES:
     raise ValueError(f"init_checkpoint_modules={modules!r} is not one of "
-                     f"{sorted(checkpoints.MODULES)}")
+                     f"{sorted(restore_report.MODULES)}")
   kind, shapes = _kind_and_names(path, timeout_s)
   if kind == KERAS_HUB:
     if modules != "backbone":
@@ -87,7 +89,7 @@ def validate(path, prefix=None, modules="backbone", depth=None,
                        f"preset {path} holds a ResNet only; use 'backbone'")
     keras_hub_weights.check_keras_hub_preset(path, depth=depth)
     return kind
-  wanted = checkpoints.MODULES[modules]
+  wanted = restore_report.MODULES[modules]
   if kind == TF1 and depth is not None and (wanted is None or
                                             "backbone" in wanted):
     tf1_checkpoints.check_backbone(path, shapes, prefix, depth)
@@ -106,7 +108,7 @@ def restore(model, path, modules="backbone", prefix=None, print_fn=print):
     print_fn: where the restored/skipped table goes (None = silent).
 
   Returns:
-    a `checkpoints.RestoreReport`.
+    a `restore_report.RestoreReport`.
   """
   kind = checkpoint_kind(path)
   if prefix and kind != TF1 and print_fn is not None:

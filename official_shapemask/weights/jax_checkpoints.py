@@ -37,15 +37,15 @@ import logging
 import os
 import re
 import sys
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
-from official_shapemask.training import checkpoints
-from official_shapemask.training import experiment
+from official_shapemask.weights import atomic
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _STATE = "state"
@@ -53,14 +53,8 @@ _META = "variables"
 _GROUPS = ("trainable", "non_trainable", "optimizer")
 
 
-class CheckpointMismatchError(experiment.InvalidInputError):
-  """A checkpoint's variables differ from the model's (names the path)."""
-
-
-class CheckpointUnreadableError(experiment.InvalidInputError):
-  """A checkpoint's files cannot be read (names the path and why)."""
-
-
+CheckpointMismatchError = errors.CheckpointMismatchError
+CheckpointUnreadableError = errors.CheckpointUnreadableError
 UNREADABLE_DIR = checkpoints.UNREADABLE_DIR
 # TensorStore status codes of a file that is missing, cut short or
 # overwritten (`NOT_FOUND: ...`, `DATA_LOSS: ...`, ...).
@@ -96,7 +90,7 @@ def _why(error):
   code = re.match(r"([A-Z_]+): ", text)
   if code:
     return f"{code.group(1)}: {text.rsplit(': ', 1)[-1]}"
-  return checkpoints.first_line(error) if not text else (
+  return errors.first_line(error) if not text else (
       f"{type(error).__name__}: {text}")
 
 
@@ -390,13 +384,7 @@ def write_keras_weights(model, path):
   """
   if jax.process_index() != 0:
     return None
-  with tempfile.TemporaryDirectory() as scratch:
-    local = os.path.join(scratch, "model.weights.h5")
-    model.save_weights(local)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    tf.io.gfile.copy(local, tmp, overwrite=True)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-  return path
+  return atomic.write_file(path, model.save_weights)
 
 
 def snapshot(state):

@@ -52,7 +52,7 @@ import tensorflow as tf
 from official.vision.ops import preprocess_ops
 
 from official_shapemask.modeling.backbones import resnet
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import restore_report
 
 KERAS_HUB_PREFIX = "keras_hub:"
 _CONFIG_FILE = "config.json"
@@ -369,7 +369,7 @@ def restore_keras_hub_backbone(model, preset, modules="backbone",
       silent).
 
   Returns:
-    a `checkpoints.RestoreReport`: restored rows name our variable and its
+    a `restore_report.RestoreReport`: restored rows name our variable and its
     keras-hub source; skipped rows are the identity-set stage-1 projection
     of a basic-block (ResNet-18/34) preset.
 
@@ -412,7 +412,7 @@ def restore_keras_hub_backbone(model, preset, modules="backbone",
   for variable, value in identity:
     variable.assign(value)
 
-  report = checkpoints.RestoreReport(restored=[], skipped=[])
+  report = restore_report.RestoreReport(restored=[], skipped=[])
   for variable, _, source in assignments:
     report.restored.append(
         (f"{variable.path} <- {source}", tuple(variable.shape)))

@@ -27,6 +27,9 @@ import re
 
 import numpy as np
 
+from official_shapemask.weights import paths
+from official_shapemask.weights import tf1_names
+
 _ANONYMOUS = re.compile(r"^(conv2d|batch_normalization)(?:_(\d+))?$")
 
 
@@ -69,17 +72,6 @@ def _anonymous_in_order(layers, prefix):
   return [name for _, name in sorted(found)]
 
 
-def _backbone_conv_bns(backbone):
-  """Our `_ConvBN` layers in the port's creation order."""
-  order = [backbone.stem]
-  for blocks in backbone.groups:
-    for block in blocks:
-      if block.shortcut is not None:
-        order.append(block.shortcut)
-      order.extend(block.convs)
-  return order
-
-
 def layer_pairs(model, legacy_layer_names):
   """`[(port layer name, our layer, kind)]` for every layer with weights.
 
@@ -87,7 +79,8 @@ def layer_pairs(model, legacy_layer_names):
   1x1 conv `[1, 1, i, o]`) or 'bn'.
   """
   pairs = []
-  conv_bns = _backbone_conv_bns(model.backbone)
+  # The port creates the backbone's layers in the TF1 code's order.
+  conv_bns = tf1_names.backbone_conv_norms(model.backbone)
   port_convs = _anonymous_in_order(legacy_layer_names, "conv2d")
   port_bns = _anonymous_in_order(legacy_layer_names, "batch_normalization")
   if len(port_convs) != len(conv_bns) or len(port_bns) != len(conv_bns):
@@ -223,95 +216,11 @@ def restore_legacy_checkpoint(legacy_model, checkpoint_path):
     the checkpoint prefix used.
   """
   import tensorflow as tf
-  path = checkpoint_path
-  if tf.io.gfile.isdir(path):
-    path = tf.train.latest_checkpoint(path)
-    if path is None:
-      raise FileNotFoundError(f"no checkpoint in directory {checkpoint_path}")
-  elif not tf.io.gfile.exists(path + ".index"):
-    raise FileNotFoundError(f"checkpoint not found: {path} (no {path}.index)")
+  path = paths.resolve_checkpoint(checkpoint_path)
   status = tf.train.Checkpoint(model=legacy_model).restore(path)
   status.expect_partial()
   status.assert_existing_objects_matched()
   return path
-
-
-# Entries that make a directory a training run's model directory (a
-# TensorFlow checkpoint list, the JAX engine's Orbax folder, the run's
-# operative config).
-_RUN_MARKERS = ("checkpoint", "checkpoints", "config.gin")
-
-
-def check_output(output_path):
-  """Refuses an output inside a training run's model directory.
-
-  A converted checkpoint written there could replace the run's own
-  checkpoint files (`ckpt-N.*`, `shapemask-N.weights.h5`).
-
-  Raises:
-    ValueError: one line naming the output and what marks the directory.
-  """
-  import os
-
-  import tensorflow as tf
-  directory = os.path.dirname(output_path) or "."
-  found = [name for name in _RUN_MARKERS
-           if tf.io.gfile.exists(os.path.join(directory, name))]
-  if found:
-    raise ValueError(
-        f"--output={output_path} would write into {directory}, a training "
-        f"run's model directory (it holds {', '.join(found)}), and could "
-        "replace its checkpoints; give a path in another directory")
-
-
-def save_model_weights(model, output_path):
-  """Writes our weights atomically; returns the files written.
-
-  `*.weights.h5` (recommended): a Keras weights file with every variable;
-  loads on every backend (`model.load_weights`), no TensorFlow needed.
-
-  Anything else: a `tf.train.Checkpoint(model=model)` prefix. Under Keras 3
-  TensorFlow's object graph does not follow layers held in Python lists or
-  dicts (ResNet blocks, FPN levels, head towers), so such a checkpoint would
-  lack most variables; it is written only when it holds every one of them,
-  otherwise ValueError names the shortfall.
-  """
-  import os
-  import uuid
-
-  import tensorflow as tf
-  check_output(output_path)
-  directory = os.path.dirname(output_path)
-  if directory:
-    tf.io.gfile.makedirs(directory)
-  tmp = f"{output_path}.tmp-{uuid.uuid4().hex[:8]}"
-  if output_path.endswith(".weights.h5"):
-    tmp += ".weights.h5"
-    model.save_weights(tmp)
-    tf.io.gfile.rename(tmp, output_path, overwrite=True)
-    return [output_path]
-  root = tf.train.Checkpoint(model=model)
-  # Created now so the file holds it: `export.restore_model` (and any
-  # `restore(...).assert_existing_objects_matched()`) expects every object
-  # of a `tf.train.Checkpoint`, the save counter included.
-  _ = root.save_counter
-  root.write(tmp)
-  saved = [name for name, _ in tf.train.list_variables(tmp)
-           if name.endswith("VARIABLE_VALUE")]
-  if len(saved) < len(model.weights):
-    for leftover in tf.io.gfile.glob(tmp + ".*"):
-      tf.io.gfile.remove(leftover)
-    raise ValueError(
-        f"a tf.train.Checkpoint of this model holds {len(saved)} of its "
-        f"{len(model.weights)} variables (layers kept in lists/dicts are not "
-        f"tracked by TensorFlow under Keras 3); write {output_path}.weights.h5"
-        " instead")
-  written = []
-  for src in sorted(tf.io.gfile.glob(tmp + ".*")):
-    dst = output_path + src[len(tmp):]
-    tf.io.gfile.rename(src, dst, overwrite=True)
-    written.append(dst)
-  return written
 
 
 def relative_error(ours, theirs):

@@ -6,7 +6,7 @@ keyword arguments of `official_shapemask.modeling.build_shapemask_model`, and
 builds the port's model, for two users:
 
 - `legacy_converter` (checkpoints of the port -> our model);
-- `tools/benchmark.py --peer` (the port measured side by side with ours).
+- `tools/bench/benchmark.py --peer` (the port measured side by side with ours).
 
 It imports TensorFlow and tf-models-official (Keras 2), never our Keras 3
 layers, so it can run in a process of its own.

@@ -43,8 +43,10 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from official_shapemask.training import restore_report
-from official_shapemask.training import tf1_names
+from official_shapemask.weights import errors
+from official_shapemask.weights import paths
+from official_shapemask.weights import restore_report
+from official_shapemask.weights import tf1_names
 
 # Seconds allowed for opening a checkpoint (for gs:// paths without a
 # network, where TensorFlow's GCS client may retry for minutes).
@@ -58,12 +60,8 @@ _RESNET_SCOPE = re.compile(r"^resnet(\d+)/conv2d/kernel$")
 _TF2_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
-class CheckpointTimeoutError(OSError):
-  """Opening a checkpoint took longer than allowed (no network?)."""
-
-
 def call_with_timeout(fn, timeout_s, what):
-  """`fn()`, or CheckpointTimeoutError naming `what` after `timeout_s`.
+  """`fn()`, or `errors.CheckpointTimeoutError` naming `what` after `timeout_s`.
 
   The call runs in a daemon thread, which is left behind on timeout (a
   blocked network read cannot be cancelled from Python) and does not keep
@@ -81,7 +79,7 @@ def call_with_timeout(fn, timeout_s, what):
   thread.start()
   thread.join(timeout_s)
   if thread.is_alive():
-    raise CheckpointTimeoutError(
+    raise errors.CheckpointTimeoutError(
         f"reading {what} did not finish within {timeout_s} s (no network "
         "access to it?)")
   if "error" in outcome:
@@ -89,39 +87,8 @@ def call_with_timeout(fn, timeout_s, what):
   return outcome["value"]
 
 
-def saved_model_variables(path):
-  """`path/variables/variables` when `path` is a SavedModel directory."""
-  path = str(path).rstrip("/")
-  if tf.io.gfile.exists(path + "/saved_model.pb") or tf.io.gfile.exists(
-      path + "/saved_model.pbtxt"):
-    return path + "/variables/variables"
-  if path.endswith("/variables") and tf.io.gfile.exists(
-      path + "/variables.index"):
-    return path + "/variables"
-  return None
-
-
-def resolve(path):
-  """The checkpoint prefix of a prefix, model directory or SavedModel."""
-  saved = saved_model_variables(path)
-  if saved is not None:
-    if not tf.io.gfile.exists(saved + ".index"):
-      raise FileNotFoundError(f"SavedModel {path} has no variables "
-                              f"({saved}.index missing)")
-    return saved
-  if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
-      raise FileNotFoundError(f"no checkpoint found in directory {path}")
-    return latest
-  if not tf.io.gfile.exists(path + ".index"):
-    raise FileNotFoundError(f"checkpoint not found: {path} (no "
-                            f"{path}.index)")
-  return path
-
-
 def _open(path):
-  resolved = resolve(path)
+  resolved = paths.resolve_checkpoint(path)
   reader = tf.train.load_checkpoint(resolved)
   return resolved, reader, reader.get_variable_to_shape_map()
 
@@ -131,12 +98,12 @@ def open_checkpoint(path, timeout_s=OPEN_TIMEOUT_S):
 
   Raises:
     FileNotFoundError: nothing at `path`.
-    OSError: naming `path`, when it cannot be read (CheckpointTimeoutError
-      after `timeout_s`).
+    OSError: naming `path`, when it cannot be read
+      (`errors.CheckpointTimeoutError` after `timeout_s`).
   """
   try:
     return call_with_timeout(lambda: _open(path), timeout_s, path)
-  except (FileNotFoundError, CheckpointTimeoutError):
+  except (FileNotFoundError, errors.CheckpointTimeoutError):
     raise
   except (tf.errors.OpError, OSError, ValueError) as e:
     message = getattr(e, "message", None) or str(e)

@@ -110,7 +110,13 @@ def _norm(name, layer, module):
 
 
 def backbone_conv_norms(backbone):
-  """Our conv + batch-norm layers in the reference's creation order."""
+  """Our conv + batch-norm layers in the reference's creation order.
+
+  Stem, then per block the projection shortcut (first block of a group) and
+  the block's convolutions. The TF1 code and the Model Garden port number
+  their anonymous `conv2d[_i]` / `batch_normalization[_i]` layers in this
+  order; both readers (`tf1_checkpoints`, `legacy_converter`) use this list.
+  """
   order = [backbone.stem]
   for blocks in backbone.groups:
     for block in blocks:

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 import pytest
 import tensorflow as tf
 
-from official_shapemask.dataloaders import coco_tfrecord
+from official_shapemask.data_prep import coco_tfrecord
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 OBJECT_KEYS = ('image/object/bbox/xmin', 'image/object/bbox/xmax',
@@ -463,7 +463,8 @@ def test_segmentation_forms_agree():
 
 def test_cli_writes_four_val_shards_and_reports_errors(tmp_path):
   prefix = tmp_path / 'val'
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  # The checkout's package, not an installed one.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=str(REPO_ROOT))
   command = [
       sys.executable, 'tools/create_coco_tfrecord.py',
       '--image_dir=../shared/data/coco_tiny160/val2017',

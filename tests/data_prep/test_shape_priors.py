@@ -1,4 +1,4 @@
-"""Tests for official_shapemask.dataloaders.shape_priors and its CLI.
+"""Tests for official_shapemask.data_prep.shape_priors and its CLI.
 
 Real data: coco_tiny160 train2017 (80 images, 705 instances, 6 crowd).
 """
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_api
 
-from official_shapemask.dataloaders import shape_priors
+from official_shapemask.data_prep import shape_priors
 from official_shapemask.modeling import prior_file
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -265,7 +265,7 @@ def test_cli_writes_npy_and_png(tmp_path, train_json):
        f'--annotation_file={train_json}', f'--output={output}',
        '--num_clusters=3', '--seed=7'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, PYTHONPATH=''))
+      env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'person' in result.stdout and str(output) in result.stdout
   priors = np.load(output)
@@ -282,7 +282,8 @@ def test_cli_writes_npy_and_png(tmp_path, train_json):
       [sys.executable, 'tools/generate_shape_priors.py',
        f'--annotation_file={tmp_path / "none.json"}',
        f'--output={tmp_path / "x.npy"}'],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
   assert bad.returncode != 0
   assert 'none.json' in bad.stderr and 'Traceback' not in bad.stderr
   assert not (tmp_path / 'x.npy').exists()

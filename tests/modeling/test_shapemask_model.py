@@ -200,7 +200,7 @@ def test_l2_variables_rules():
   `batch_normalization` (the backbone's batch norms) or `bias`; frozen
   kernels never count.
   """
-  from official_shapemask.training import tf1_names  # pylint: disable=g-import-not-at-top
+  from official_shapemask.weights import tf1_names  # pylint: disable=g-import-not-at-top
   config = dict(TINY, freeze_early_convs=True)
   every = build_shapemask_model(**config)
   assert every.l2_variables == "all"

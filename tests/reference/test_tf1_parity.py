@@ -27,8 +27,8 @@ from keras import ops
 from official_shapemask import losses as losses_lib
 from official_shapemask.modeling import factory
 from official_shapemask.modeling.layers import detection_generator
-from official_shapemask.training import checkpoints
-from official_shapemask.training import tf1_names
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import tf1_names
 
 LEVELS = range(3, 8)
 OUTPUT_TOLERANCE = 2e-5

@@ -26,7 +26,7 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
 from official_shapemask.serving import export
 from official_shapemask.serving import predictor as predictor_lib
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import paths
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
 
@@ -78,7 +78,9 @@ def save_checkpoint(model, model_dir):
 
 
 def run_tool(script, *args, timeout=600):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  # tools/ runs the checkout's package (PYTHONPATH), not an installed one.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+             PYTHONPATH=str(REPO_ROOT))
   return subprocess.run(
       [sys.executable, str(REPO_ROOT / "tools" / script), *args],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
@@ -267,14 +269,15 @@ def test_restore_from_a_whole_model_weights_file(planted, keras_outputs,
   model_dir.mkdir()
   for step in (10, 200, 30):  # The newest step wins, not the newest name.
     planted["model"].save_weights(str(
-        checkpoints.model_weights_path(str(model_dir), step)))
+        paths.model_weights_path(str(model_dir), step)))
   (model_dir / "shapemask-x.weights.h5").write_text("not a step")
-  newest = checkpoints.model_weights_path(str(model_dir), 200)
-  assert checkpoints.latest_model_weights(str(model_dir)) == newest
+  newest = paths.model_weights_path(str(model_dir), 200)
+  assert paths.latest_model_weights(str(model_dir)) == newest
   # tools/predict.py and tools/export_saved_model.py restore this way.
+  gin_utils.parse_config(GIN_FILES, GIN_BINDINGS)
   try:
     predictor = predictor_lib.Predictor.from_checkpoint(
-        GIN_FILES, GIN_BINDINGS, str(model_dir))
+        factory.build_shapemask_model(), str(model_dir))
   finally:
     gin.clear_config()
   assert predictor.source == f"checkpoint {newest}"
@@ -468,9 +471,10 @@ def test_checkpoint_round_trip_through_the_cli(planted, keras_outputs,
     gin.clear_config()
   export.restore_model(fresh, planted["model_dir"])
   # tools/predict.py --gin_file --checkpoint builds the same way.
+  gin_utils.parse_config(GIN_FILES, GIN_BINDINGS)
   try:
     from_checkpoint = predictor_lib.Predictor.from_checkpoint(
-        GIN_FILES, GIN_BINDINGS, planted["model_dir"])
+        factory.build_shapemask_model(), planted["model_dir"])
   finally:
     gin.clear_config()
   assert_outputs_close(from_checkpoint.predict_bytes([parsed_val_image[

@@ -17,8 +17,8 @@ from keras import ops
 
 from official_shapemask.modeling import factory
 from official_shapemask.serving import export
-from official_shapemask.training import checkpoints
-from tools import convert_tf1_checkpoint
+from official_shapemask.weights import checkpoints
+from official_shapemask.cli import convert_tf1_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -74,7 +74,8 @@ def test_converts_a_tf1_checkpoint_into_ours(tf1_oracle, tmp_path):
 
 def test_cli_fails_in_one_line_naming_the_file(tmp_path):
   missing = tmp_path / "nothing" / "model.ckpt-1"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  # tools/ runs the checkout's package (PYTHONPATH), not an installed one.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO_ROOT))
   result = subprocess.run(
       [sys.executable, str(REPO_ROOT / "tools" / "convert_tf1_checkpoint.py"),
        f"--checkpoint={missing}", "--gin_file=tiny_cpu.gin",

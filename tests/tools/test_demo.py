@@ -33,7 +33,7 @@ def test_demo_end_to_end_into_the_folder_of_a_previous_run(tmp_path):
       [sys.executable, "tools/demo.py", f"--output_dir={out}",
        "--num_train=16", "--num_val=6", "--steps=6", "--num_predict=2"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
-      check=False)
+      env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), check=False)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   # Our own progress only: no TensorFlow ERROR/WARNING lines (cuInit on a
   # CPU machine, oneDNN int64, map_fn deprecation; official_shapemask.

@@ -338,7 +338,7 @@ def test_train_py_help_explains_every_flag():
   text = result.stdout + result.stderr
   # absl prints the usage to stdout and exits 1 after --help.
   assert result.returncode in (0, 1) and "Traceback" not in text, text
-  source = (REPO_ROOT / "train.py").read_text()
+  source = (REPO_ROOT / "official_shapemask" / "cli" / "train.py").read_text()
   flags = re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source)
   assert set(flags) >= {"gin_file", "gin_bindings", "model_dir", "mode",
                         "strategy", "tpu", "eval_timeout"}

@@ -220,10 +220,10 @@ def _run_tf_loop(work, model_overrides=None, optimizer_overrides=None):
   import keras
   import tensorflow as tf
   from official_shapemask.modeling import factory
-  from official_shapemask.training import checkpoints
+  from official_shapemask.weights import checkpoints
   from official_shapemask.training import experiment
   from official_shapemask.training import schedules
-  from official_shapemask.training import tf1_names
+  from official_shapemask.weights import tf1_names
   from official_shapemask.training import train_loop
   if keras.backend.backend() != "tensorflow":
     pytest.skip("the TensorFlow loop runs under the TensorFlow backend")
@@ -258,11 +258,11 @@ _JAX_SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from official_shapemask.modeling import factory
-    from official_shapemask.training import checkpoints
+    from official_shapemask.weights import checkpoints
     from official_shapemask.training import experiment
     from official_shapemask.training import jax_step
     from official_shapemask.training import schedules
-    from official_shapemask.training import tf1_names
+    from official_shapemask.weights import tf1_names
 
     work = sys.argv[1]
     model_kwargs, optimizer_kwargs, schedule, steps = json.loads(sys.argv[2])
@@ -410,7 +410,7 @@ def test_jax_step_follows_the_reference(work, jax_run):
 def test_frozen_variables_are_the_references(work, depth):
   """`freeze_early_convs` freezes what `frozen_variable_prefix` freezes."""
   from official_shapemask.modeling import factory
-  from official_shapemask.training import tf1_names
+  from official_shapemask.weights import tf1_names
   ref = json.loads((work / f"frozen_resnet{depth}.json").read_text())
   assert len(ref["frozen"]) == 11  # Stem and conv2_x kernels.
   model = factory.build_shapemask_model(

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
 
 
 def _objects(width=8):
@@ -98,7 +99,7 @@ def test_every_checkpoint_unreadable_names_them_all(run_dir):
   for step in (5, 10, 15):
     _damage(str(run_dir / f"ckpt-{step}"), "truncated")
   _, _, checkpoint = _objects()
-  with pytest.raises(checkpoints.CheckpointError) as err:
+  with pytest.raises(errors.CheckpointError) as err:
     checkpoints.restore_newest_readable(checkpoint, str(run_dir),
                                         move_unreadable=True, print_fn=None)
   for step in (5, 10, 15):
@@ -109,12 +110,12 @@ def test_every_checkpoint_unreadable_names_them_all(run_dir):
 
 def test_another_model_is_a_mismatch_not_damage(run_dir):
   _, _, checkpoint = _objects(width=16)
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(errors.CheckpointError,
                      match=r"ckpt-15 does not match the model"):
     checkpoints.restore_newest_readable(checkpoint, str(run_dir),
                                         move_unreadable=True, print_fn=None)
   assert not (run_dir / "unreadable").exists()
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(errors.CheckpointError,
                      match=r"ckpt-10 does not match the model"):
     checkpoints.restore_checkpoint(checkpoint, str(run_dir / "ckpt-10"))
 

@@ -18,11 +18,11 @@ import tensorflow as tf
 from keras import ops
 
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
-from official_shapemask.training import init_checkpoint
-from official_shapemask.training import tf1_names
+from official_shapemask.weights import init_checkpoint
+from official_shapemask.weights import tf1_names
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # An object that does not exist in the seed's public bucket: unreadable with

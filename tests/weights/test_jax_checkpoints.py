@@ -12,7 +12,8 @@ _ROUND_TRIP = textwrap.dedent("""
     import jax
     import keras
     import numpy as np
-    from official_shapemask.training import jax_checkpoints
+    from official_shapemask.weights import errors
+    from official_shapemask.weights import jax_checkpoints
     from official_shapemask.training import jax_step
 
     def build(units):
@@ -58,7 +59,7 @@ _ROUND_TRIP = textwrap.dedent("""
                                                read_only=True)
     try:
       reader.restore(10)
-    except jax_checkpoints.CheckpointMismatchError as e:
+    except errors.CheckpointMismatchError as e:
       assert "checkpoints/10 does not match" in str(e), e
     else:
       raise AssertionError("a mismatched checkpoint was restored")
@@ -81,7 +82,7 @@ _DAMAGED = textwrap.dedent("""
     import sys
     import keras
     import numpy as np
-    from official_shapemask.training import jax_checkpoints
+    from official_shapemask.weights import jax_checkpoints
     from official_shapemask.training import jax_step
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),

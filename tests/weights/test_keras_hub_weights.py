@@ -14,7 +14,7 @@ from PIL import Image
 
 import keras_hub
 from official_shapemask.modeling.backbones.resnet import ResNet
-from official_shapemask.training import keras_hub_weights
+from official_shapemask.weights import keras_hub_weights
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -271,7 +271,7 @@ def test_init_checkpoint_dispatch_takes_presets(r50, tmp_path):
   from official_shapemask.modeling import factory  # pylint: disable=g-import-not-at-top
   from official_shapemask.training import experiment  # pylint: disable=g-import-not-at-top
   from official_shapemask.training import gin_utils  # pylint: disable=g-import-not-at-top
-  from official_shapemask.training import init_checkpoint  # pylint: disable=g-import-not-at-top
+  from official_shapemask.weights import init_checkpoint  # pylint: disable=g-import-not-at-top
   folder = str(r50.folder)
   assert init_checkpoint.checkpoint_kind(folder) == init_checkpoint.KERAS_HUB
   assert init_checkpoint.checkpoint_kind(

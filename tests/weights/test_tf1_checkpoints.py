@@ -17,10 +17,11 @@ import tensorflow as tf
 from keras import ops
 
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
-from official_shapemask.training import init_checkpoint
-from official_shapemask.training import tf1_checkpoints
-from official_shapemask.training import tf1_names
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
+from official_shapemask.weights import init_checkpoint
+from official_shapemask.weights import tf1_checkpoints
+from official_shapemask.weights import tf1_names
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL = dict(image_size=64, backbone_depth=10, backbone_width_multiplier=0.25,
@@ -289,7 +290,7 @@ def test_a_hanging_read_times_out(monkeypatch):
 
   monkeypatch.setattr(tf1_checkpoints, "_open", hang)
   start = time.time()
-  with pytest.raises(tf1_checkpoints.CheckpointTimeoutError,
+  with pytest.raises(errors.CheckpointTimeoutError,
                      match="gs://bucket/ckpt.*within 0.5 s"):
     tf1_checkpoints.open_checkpoint("gs://bucket/ckpt", timeout_s=0.5)
   assert time.time() - start < 5
@@ -301,7 +302,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints, tf1_names
+from official_shapemask.weights import checkpoints, tf1_names
 assert keras.backend.backend() == "jax"
 model = factory.build_shapemask_model(
     num_classes=5, num_clusters=2, image_size=64, backbone_depth=10,
@@ -337,12 +338,12 @@ def test_restores_under_the_jax_backend(run_under_jax, tmp_path):
 
 _HANG_SCRIPT = """
 import time
-from official_shapemask.training import tf1_checkpoints
+from official_shapemask.weights import errors, tf1_checkpoints
 tf1_checkpoints._open = lambda path: time.sleep(600)
 start = time.time()
 try:
   tf1_checkpoints.open_checkpoint("gs://bucket/ckpt", timeout_s=1)
-except tf1_checkpoints.CheckpointTimeoutError as e:
+except errors.CheckpointTimeoutError as e:
   print("TIMEOUT", round(time.time() - start, 1), e)
 """
 

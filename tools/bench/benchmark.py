@@ -49,7 +49,7 @@ momentum 0.9, `keras.distribution.DataParallel` over the local devices), and
 inference is the engine's `jax_step.PredictStep`. It reports images/s for
 each of ``--batch_sizes`` (synthetic input: the step alone) and ms/image for
 inference at ``--infer_batch_size``; the input pipeline's images/s is
-measured apart (`tools/benchmark_input.py`).
+measured apart (`tools/bench/benchmark_input.py`).
 ``--peer`` adds torchvision's `maskrcnn_resnet50_fpn` (random weights,
 synthetic targets, images kept at the canvas size, bf16 autocast when
 ``--precision=mixed_bfloat16``) training throughput. With ``--parallel``
@@ -76,11 +76,11 @@ Built-in configurations (``--config``): ``r50_256`` (default), ``r50_640``,
 instead (shape priors: always ``--num_clusters`` random priors).
 
 Examples:
-  python tools/benchmark.py --peer                      # R50, 256 px, b2
-  python tools/benchmark.py --peer --config=r50_640
-  python tools/benchmark.py --peer --precision=mixed_bfloat16
-  python tools/benchmark.py --workers=2
-  KERAS_BACKEND=jax python tools/benchmark.py --backend=jax --synthetic \
+  python -m tools.bench.benchmark --peer            # R50, 256 px, b2
+  python -m tools.bench.benchmark --peer --config=r50_640
+  python -m tools.bench.benchmark --peer --precision=mixed_bfloat16
+  python -m tools.bench.benchmark --workers=2
+  KERAS_BACKEND=jax python -m tools.bench.benchmark --backend=jax --synthetic \
       --config=r101_1024 --precision=mixed_bfloat16 --batch_sizes=8,16,32 \
       --peer --parallel
 """
@@ -92,12 +92,8 @@ import platform
 import sys
 import tempfile
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
-from tools.bench import common  # pylint: disable=g-import-not-at-top
-from tools.bench import runner as runner_lib  # pylint: disable=g-import-not-at-top
+from tools.bench import common
+from tools.bench import runner as runner_lib
 
 
 def parse_args(argv):
@@ -224,8 +220,8 @@ def main(argv=None):
   runner = runner_lib.Runner(args, workdir)
   print(json.dumps({
       "run": "benchmark", "date": common.now(), "command": " ".join(
-          ["python", "tools/benchmark.py"] + (argv if argv is not None else
-                                              sys.argv[1:])),
+          ["python", "-m", "tools.bench.benchmark"] +
+          (argv if argv is not None else sys.argv[1:])),
       "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
                  f"{platform.processor() or platform.platform()}",
       "load_avg": [round(x, 2) for x in os.getloadavg()],

@@ -28,7 +28,7 @@ processes; on a busy machine the CPU seconds say more about the work than
 the wall time does). Prints a table and one JSON line. Example (the
 measurement of docs/benchmarks.md):
 
-  python tools/benchmark_eval.py --num_images=500 --baseline
+  python -m tools.bench.benchmark_eval --num_images=500 --baseline
 """
 
 import argparse
@@ -42,13 +42,9 @@ import sys
 import tempfile
 import time
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
+import numpy as np
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from official_shapemask.evaluation import class_splits  # pylint: disable=g-import-not-at-top,wrong-import-position
+from official_shapemask.evaluation import class_splits
 
 
 def _blob(size, rng):

@@ -15,24 +15,23 @@ the first ``--warmup`` images (tracing, pools) are not timed. Without
 the repository root) is converted into a temporary directory first.
 
 Example:
-  python tools/benchmark_input.py --num_images=200 --output_sizes=1024,640
+  python -m tools.bench.benchmark_input --num_images=200 --output_sizes=1024,640
 """
 
 import datetime
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top
+from absl import app
+from absl import flags
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
+from official_shapemask import quiet_logs
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 _COCO_TINY = os.path.join(_REPO_ROOT, '..', 'shared', 'data', 'coco_tiny160')
@@ -50,7 +49,7 @@ def _define_flags():
 
 
 def _convert_coco_tiny(out_dir):
-  from official_shapemask.dataloaders import coco_tfrecord  # pylint: disable=g-import-not-at-top
+  from official_shapemask.data_prep import coco_tfrecord  # pylint: disable=g-import-not-at-top
   root = os.path.abspath(_COCO_TINY)
   if not os.path.isdir(root):
     raise FileNotFoundError(

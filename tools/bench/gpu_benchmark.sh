@@ -7,10 +7,10 @@
 #     batch kept on the device; inference ms/image at batch 1 with the
 #     engine's evaluation step (post-processing and mask branch included);
 #   - the input pipeline apart: training-parser images/s on the host CPUs
-#     (tools/benchmark_input.py), when TensorFlow is importable;
+#     (tools/bench/benchmark_input.py), when TensorFlow is importable;
 #   - torchvision maskrcnn_resnet50_fpn, 1024x1024, bf16 autocast: training
 #     images/s at batch 8 and 16 (random weights, synthetic targets).
-# Every measurement is a subprocess of tools/benchmark.py with its own
+# Every measurement is a subprocess of tools/bench/benchmark.py with its own
 # timeout, so one failure (say, out of memory at batch 32) keeps the rest.
 # torchvision runs first, alone (its eager steps are sensitive to host load);
 # then ours all compile at once (XLA compilation is CPU work, ~4 min for
@@ -24,13 +24,13 @@
 # command); they are installed into /tmp/site when `import keras` fails.
 #
 # Usage:
-#   bash tools/gpu_benchmark.sh              # the GPU run
-#   bash tools/gpu_benchmark.sh --cpu_smoke  # the same path on CPU, with the
+#   bash tools/bench/gpu_benchmark.sh              # the GPU run
+#   bash tools/bench/gpu_benchmark.sh --cpu_smoke  # the same path on CPU, with the
 #                                            # smallest model (tests)
 # Environment: PYTHON (default python3), OUT (results folder),
 #   GPU_BENCH_BUDGET_S (default 470: the whole run's limit).
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-python3}"
 MODE=gpu
 if [[ "${1:-}" == "--cpu_smoke" ]]; then MODE=cpu_smoke; fi
@@ -101,9 +101,9 @@ else
         --torch_batch_sizes=8,16 --steps=10 --warmup=3 --infer_steps=20)
   TIMEOUT=$(( BUDGET - $(date +%s) + START - 20 ))
 fi
-log "running tools/benchmark.py (all measurements within ${TIMEOUT}s)"
+log "running tools/bench/benchmark.py (all measurements within ${TIMEOUT}s)"
 timeout --kill-after=10 "$(( TIMEOUT + 15 ))" \
-  "$PYTHON" tools/benchmark.py --backend=jax --synthetic "${ARGS[@]}" \
+  "$PYTHON" -m tools.bench.benchmark --backend=jax --synthetic "${ARGS[@]}" \
   "${PEER[@]}" --infer_batch_size=1 --parallel --timeout="$TIMEOUT" \
   --barrier_timeout="$(( TIMEOUT - 90 ))" --workdir="$WORKDIR" \
   --output="$RESULTS/gpu_benchmark.jsonl" 2>"$RESULTS/benchmark_stderr.log"
@@ -116,11 +116,11 @@ if [[ "$MODE" == cpu_smoke ]]; then
   INPUT_ARGS=(--output_sizes=128 --num_images=8 --warmup=2 --modes=all_cores)
 fi
 if "$PYTHON" -c "import tensorflow" 2>/dev/null; then
-  log "input pipeline: tools/benchmark_input.py ${INPUT_ARGS[*]}"
+  log "input pipeline: tools/bench/benchmark_input.py ${INPUT_ARGS[*]}"
   INPUT_TIMEOUT=$(( BUDGET - $(date +%s) + START - 10 ))
   if [[ "$MODE" == cpu_smoke ]]; then INPUT_TIMEOUT=300; fi
   if (( INPUT_TIMEOUT > 30 )); then
-    timeout --kill-after=10 "$INPUT_TIMEOUT" "$PYTHON" tools/benchmark_input.py \
+    timeout --kill-after=10 "$INPUT_TIMEOUT" "$PYTHON" -m tools.bench.benchmark_input \
       "${INPUT_ARGS[@]}" >"$RESULTS/input_pipeline.jsonl" \
       2>"$RESULTS/input_stderr.log" || log "input pipeline measurement failed"
   else
@@ -128,7 +128,7 @@ if "$PYTHON" -c "import tensorflow" 2>/dev/null; then
   fi
 else
   log "TensorFlow not importable: input pipeline not measured here (run" \
-      "tools/benchmark_input.py on the training host)"
+      "tools/bench/benchmark_input.py on the training host)"
 fi
 tar -czf "$RESULTS/worker_logs.tar.gz" -C "$WORKDIR" --exclude="*.npy" --exclude="*.tfrecord" . 2>/dev/null || true
 rm -rf "$WORKDIR"
