@@ -1,9 +1,10 @@
 """A run in-process (controller + TensorFlow engine): fail-fast input checks,
-fine-tuning, NaN stop.
+fine-tuning, NaN stop, background COCO evaluation.
 
 Real data: coco_tiny160 records (conftest) and the synthetic shapes dataset
 (6 classes) for fine-tuning a 91-class checkpoint into a 7-class model.
 """
+import json
 import os
 import re
 import warnings
@@ -312,3 +313,50 @@ def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
       assert np.all(np.isfinite(value)), name
 
+
+# ------------------------------------------------ background COCO evaluation
+@pytest.mark.slow
+def test_train_and_eval_scores_in_the_background(
+    clean_gin, tiny_train_records, tiny_val_records, tmp_path):
+  """The TensorFlow engine's evaluations inside train_and_eval run COCOeval
+  in a spawned process while training goes on; the result is the one a
+  foreground evaluation of the same checkpoint gives."""
+  _parse(f"TRAIN_FILE_PATTERN='{tiny_train_records}'",
+         f"EVAL_FILE_PATTERN='{tiny_val_records}'", "TOTAL_STEPS=4",
+         "STEPS_PER_LOOP=2", "CHECKPOINT_EVERY=2", "EVAL_EVERY=2",
+         "EVAL_SAMPLES=8", "EVAL_BATCH_SIZE=4")
+  model_dir = tmp_path / "run"
+  printed = []
+  run = controller.build(str(model_dir),
+                         print_fn=lambda *a, **k: printed.append(a[0]))
+  try:
+    run.start("train_and_eval")
+    run.train(2)
+    assert run.evaluate() is None  # Scored in the background.
+    assert run.evaluations.pending == 1
+    run.train(4)  # Training goes on meanwhile.
+    final = run.evaluate()  # The last step: in the foreground.
+  finally:
+    run.close()
+  assert run.evaluations.pending == 0
+  assert final["step"] == 4
+  background = json.loads((model_dir / "eval_2.json").read_text())
+  assert background["step"] == 2 and background["num_images"] == 8
+  text = _lines(printed)
+  assert text.count("Evaluation at step 2 (8 images") == 1
+  assert text.count("Evaluation at step 4 (8 images") == 1
+  assert text.index("step 4/4 ") < text.index("Evaluation at step 4")
+
+  # The same checkpoint evaluated in the foreground (--mode=eval's path).
+  (model_dir / "eval_2.json").unlink()
+  evaluation = controller.build(str(model_dir), print_fn=lambda *a, **k: None)
+  try:
+    evaluation.start("eval")
+    assert evaluation.restore(str(model_dir / "ckpt-2")) == 2
+    evaluation.evaluate()
+  finally:
+    evaluation.close()
+  again = json.loads((model_dir / "eval_2.json").read_text())
+  timing = ("eval_seconds", "predict_seconds")
+  assert {k: v for k, v in again.items() if k not in timing} == {
+      k: v for k, v in background.items() if k not in timing}
