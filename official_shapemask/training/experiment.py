@@ -14,6 +14,7 @@ import gin
 import keras
 import tensorflow as tf
 
+from official_shapemask.dataloaders import class_ids
 from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
@@ -21,6 +22,7 @@ from official_shapemask.modeling import factory
 from official_shapemask.training import checkpoints
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
+from official_shapemask.training import gin_utils
 from official_shapemask.training import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
 from official_shapemask.training import strategies
@@ -28,11 +30,24 @@ from official_shapemask.training import train_loop
 
 
 class InvalidInputError(ValueError):
-  """A setting names a file that is missing, corrupt or does not fit."""
+  """A setting names a file that is missing, corrupt or does not fit, or
+  holds a value it cannot take.
+
+  `message` is the one-line message (gin appends its call site to `str()`
+  of an error raised inside a configurable; see `create`).
+  """
+
+  def __init__(self, message):
+    super().__init__(message)
+    self.message = message
 
 
 def _require_records(pattern, setting, print_fn):
-  """The TFRecord files of `pattern`; skipped files are reported."""
+  """The TFRecord files of `pattern`; skipped files are reported.
+
+  The converter's label maps beside the files (or matched by the pattern)
+  are checked against the model's `num_classes` (`class_ids`).
+  """
   if not pattern:
     raise InvalidInputError(f"{setting} is not set")
   try:
@@ -41,6 +56,12 @@ def _require_records(pattern, setting, print_fn):
     raise InvalidInputError(f"{setting}: {e}") from None
   for path in skipped:
     print_fn(f"{setting}={pattern!r}: skipping {path} (not a TFRecord file)")
+  try:
+    class_ids.check_label_maps(
+        files, int(_model_setting("num_classes")),
+        [p for p in skipped if p.endswith(class_ids.LABEL_MAP_SUFFIX)])
+  except ValueError as e:
+    raise InvalidInputError(f"{setting}: {e}") from None
   return files
 
 
@@ -56,7 +77,9 @@ def check_record_files(pattern, setting):
 
 
 def data_error(error, pattern, setting):
-  """An `InvalidInputError` naming the shard behind a tf.data record error.
+  """An `InvalidInputError` naming the shard behind a tf.data record error,
+  or the category id, image and shard of a record whose class id does not
+  fit the model (the parser's `class_ids.check_in_graph`).
 
   Args:
     error: the `tf.errors.OpError` a dataset of `pattern` raised.
@@ -66,6 +89,9 @@ def data_error(error, pattern, setting):
   Returns:
     the error to raise, or None when `error` is not a damaged-record error.
   """
+  bad_class = class_ids.describe_error(error)
+  if bad_class is not None:
+    return InvalidInputError(f"{setting}: {bad_class}")
   if input_reader.record_error_offset(error) is None:
     return None
   files = input_reader.list_files(pattern)
@@ -79,6 +105,35 @@ def data_error(error, pattern, setting):
       f"{setting}={pattern!r}: a TFRecord file is damaged "
       f"({checkpoints.first_line(error)}), but no single file fails there "
       f"when read alone")
+
+
+def positive_setting(value, param, configurable="Experiment",
+                     optional=False):
+  """`value` as an int, after checking it is a positive whole number.
+
+  Args:
+    value: the bound value (gin parses `64` as int, `1e4` as float).
+    param: the parameter's name, for the message.
+    configurable: whose parameter it is, for the message.
+    optional: None is allowed (and returned).
+
+  Raises:
+    InvalidInputError: one line naming the gin setting (its macro when it
+      is bound through one, e.g. `TRAIN_BATCH_SIZE (Experiment.
+      train_batch_size)`) and the value.
+  """
+  if value is None and optional:
+    return None
+  whole = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      float(value).is_integer())
+  if not whole or value < 1:
+    name = gin_utils.setting_name(configurable, param)
+    macro = name.split(" ", 1)[0]
+    unset = " (or None)" if optional else ""
+    raise InvalidInputError(
+        f"{macro}={value!r}{name[len(macro):]}: must be a positive whole "
+        f"number{unset}")
+  return int(value)
 
 
 def _model_setting(name):
@@ -134,7 +189,8 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   """Fails fast, naming the path, before the strategy starts.
 
   Checks the data patterns of `mode` (files that are not TFRecords by name
-  are skipped, saying so), the shape-prior file (readable, class
+  are skipped, saying so; the converter's label maps beside them hold no
+  category id at or above the model's `num_classes`), the shape-prior file (readable, class
   count equal to the model's `num_classes`, prior size equal to its
   `mask_crop_size`) and the init checkpoint (`validate_init_checkpoint`).
 
@@ -169,6 +225,7 @@ def model_input_settings(model):
               aspect_ratios=tuple(anchors["aspect_ratios"]),
               anchor_size=anchors["anchor_size"],
               mask_crop_size=model.prior_head.mask_crop_size,
+              num_classes=model.head.get_config()["num_classes"],
               upsample_factor=model.fine_head.upsample_factor,
               outer_box_scale=model.outer_box_scale)
 
@@ -204,6 +261,20 @@ def build_momentum_optimizer(learning_rate=gin.REQUIRED, momentum=0.9, nesterov=
                               nesterov=nesterov)
 
 
+def create(model_dir, **kwargs):
+  """`Experiment(model_dir, **kwargs)` with its gin settings.
+
+  Raises:
+    InvalidInputError: a setting that is not a positive whole number, in
+      one line (without the "In call to configurable" line gin appends to
+      errors raised inside a configurable).
+  """
+  try:
+    return Experiment(model_dir, **kwargs)
+  except InvalidInputError as e:
+    raise InvalidInputError(e.message) from None
+
+
 @gin.configurable(denylist=["model_dir", "strategy_name", "tpu", "print_fn"])
 class Experiment:
   """Strategy, model, optimizer, checkpoints and data of one run.
@@ -221,11 +292,14 @@ class Experiment:
     eval_batch_size: evaluation batch size.
     total_steps: steps to train to (a resumed run continues to this step).
     steps_per_loop: steps per host call and per progress line.
-    checkpoint_every: steps between checkpoints (default: steps_per_loop).
-    eval_every: steps between evaluations in `train_and_eval` (default:
+    checkpoint_every: steps between checkpoints (None: steps_per_loop).
+    eval_every: steps between evaluations in `train_and_eval` (None:
       checkpoint_every).
     eval_samples: images evaluated (None = the whole evaluation set).
     max_checkpoints: checkpoints kept.
+      These sizes and counts are positive whole numbers (None where it
+      says so); another value is an `InvalidInputError` naming the gin
+      setting.
     init_checkpoint: checkpoint to start from when `model_dir` holds none
       (`RESNET_CHECKPOINT`): a ShapeMask checkpoint of ours, a Keras
       weights file, or a TF1 checkpoint / SavedModel of the seed's code
@@ -278,14 +352,21 @@ class Experiment:
     self.train_file_pattern = train_file_pattern
     self.eval_file_pattern = eval_file_pattern
     self.val_json_file = val_json_file
-    self.train_batch_size = int(train_batch_size)
-    self.eval_batch_size = int(eval_batch_size)
-    self.total_steps = int(total_steps)
-    self.steps_per_loop = int(steps_per_loop)
-    self.checkpoint_every = int(checkpoint_every or steps_per_loop)
-    self.eval_every = int(eval_every or self.checkpoint_every)
-    self.eval_samples = eval_samples
-    self.max_checkpoints = int(max_checkpoints)
+    # Sizes and step counts: checked once, here, where gin hands them over.
+    self.train_batch_size = positive_setting(train_batch_size,
+                                             "train_batch_size")
+    self.eval_batch_size = positive_setting(eval_batch_size, "eval_batch_size")
+    self.total_steps = positive_setting(total_steps, "total_steps")
+    self.steps_per_loop = positive_setting(steps_per_loop, "steps_per_loop")
+    self.checkpoint_every = positive_setting(
+        checkpoint_every, "checkpoint_every",
+        optional=True) or self.steps_per_loop
+    self.eval_every = positive_setting(
+        eval_every, "eval_every", optional=True) or self.checkpoint_every
+    self.eval_samples = positive_setting(eval_samples, "eval_samples",
+                                         optional=True)
+    self.max_checkpoints = positive_setting(max_checkpoints,
+                                            "max_checkpoints")
     self.init_checkpoint = init_checkpoint
     self.init_checkpoint_modules = init_checkpoint_modules
     self.init_checkpoint_prefix = init_checkpoint_prefix

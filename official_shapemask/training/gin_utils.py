@@ -105,6 +105,26 @@ def check_macros():
                       "used by no configurable (misspelt?)")
 
 
+def setting_name(configurable, param):
+  """How the user sets `configurable.param`: `MACRO (Experiment.param)` when
+  the unscoped binding is a macro, else `Experiment.param`.
+
+  Args:
+    configurable: the configurable's name as gin files write it
+      (`Experiment`).
+    param: the parameter name.
+  """
+  name = f"{configurable}.{param}"
+  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    if scope or selector.rsplit(".", 1)[-1] != configurable:
+      continue
+    value = params.get(param)
+    if isinstance(value, gin_config.ConfigurableReference) and (
+        value.scoped_selector.endswith("/" + _MACRO)):
+      return f"{value.scoped_selector[:-len(_MACRO) - 1]} ({name})"
+  return name
+
+
 def _syntax_error_message(error):
   """One line naming the gin file (and line) or the binding that fails."""
   text = (error.text or "").strip()

@@ -82,8 +82,8 @@ def run(mode, model_dir, strategy_name="one_device", tpu=None, eval_timeout=0,
   tf.distribute loop, `KERAS_BACKEND=jax` the JAX engine; both take their
   settings from the same gin-configured `Experiment`.
   """
-  exp = experiment.Experiment(model_dir, strategy_name=strategy_name, tpu=tpu,
-                              print_fn=print_fn)
+  exp = experiment.create(model_dir, strategy_name=strategy_name, tpu=tpu,
+                          print_fn=print_fn)
   if keras.backend.backend() == "jax":
     from official_shapemask.training import jax_engine  # pylint: disable=g-import-not-at-top
     exp = jax_engine.JaxExperiment(exp)
