@@ -92,4 +92,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from official_shapemask import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)  # absl's app.run; --help exits 0.

@@ -335,6 +335,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app as absl_app  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+  from official_shapemask import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  absl_app.run(main)
+  cli.run(main)  # absl's app.run; --help exits 0.
