@@ -43,11 +43,7 @@ class InvalidInputError(ValueError):
 
 
 def _require_records(pattern, setting, print_fn):
-  """The TFRecord files of `pattern`; skipped files are reported.
-
-  The converter's label maps beside the files (or matched by the pattern)
-  are checked against the model's `num_classes` (`class_ids`).
-  """
+  """`(files, skipped)` of `pattern`; skipped files are reported."""
   if not pattern:
     raise InvalidInputError(f"{setting} is not set")
   try:
@@ -56,13 +52,18 @@ def _require_records(pattern, setting, print_fn):
     raise InvalidInputError(f"{setting}: {e}") from None
   for path in skipped:
     print_fn(f"{setting}={pattern!r}: skipping {path} (not a TFRecord file)")
+  return files, skipped
+
+
+def _check_label_maps(files, skipped, setting):
+  """The converter's label maps beside `files` (or among the `skipped`
+  files the pattern matched) hold no id the model's `num_classes` lacks."""
   try:
     class_ids.check_label_maps(
         files, int(_model_setting("num_classes")),
         [p for p in skipped if p.endswith(class_ids.LABEL_MAP_SUFFIX)])
   except ValueError as e:
     raise InvalidInputError(f"{setting}: {e}") from None
-  return files
 
 
 def check_record_files(pattern, setting):
@@ -197,10 +198,13 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   Raises:
     InvalidInputError: naming the setting and the path.
   """
+  data = {}
   if mode in ("train", "train_and_eval"):
-    _require_records(train_file_pattern, "train_file_pattern", print_fn)
+    data["train_file_pattern"] = _require_records(
+        train_file_pattern, "train_file_pattern", print_fn)
   if mode in ("eval", "train_and_eval"):
-    _require_records(eval_file_pattern, "eval_file_pattern", print_fn)
+    data["eval_file_pattern"] = _require_records(
+        eval_file_pattern, "eval_file_pattern", print_fn)
   prior_path = _model_setting("shape_prior_path")
   if prior_path:
     if not tf.io.gfile.exists(prior_path):
@@ -215,6 +219,10 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   if init_checkpoint:
     validate_init_checkpoint(init_checkpoint, init_checkpoint_prefix,
                              init_checkpoint_modules)
+  # Last, so that a prior file made for another NUM_CLASSES is named as
+  # the more direct mismatch.
+  for setting, (files, skipped) in data.items():
+    _check_label_maps(files, skipped, setting)
 
 
 def model_input_settings(model):
