@@ -190,10 +190,11 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   """Fails fast, naming the path, before the strategy starts.
 
   Checks the data patterns of `mode` (files that are not TFRecords by name
-  are skipped, saying so; the converter's label maps beside them hold no
-  category id at or above the model's `num_classes`), the shape-prior file (readable, class
-  count equal to the model's `num_classes`, prior size equal to its
-  `mask_crop_size`) and the init checkpoint (`validate_init_checkpoint`).
+  are skipped, saying so), the shape-prior file (readable, class count
+  equal to the model's `num_classes`, prior size equal to its
+  `mask_crop_size`), the init checkpoint (`validate_init_checkpoint`) and,
+  last, the converter's label maps beside the data (no category id at or
+  above `num_classes`).
 
   Raises:
     InvalidInputError: naming the setting and the path.
