@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official_shapemask import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from official_shapemask import help_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -85,4 +85,4 @@ def main(argv):
 
 if __name__ == "__main__":
   quiet_logs.install()  # Before TensorFlow is imported.
-  cli.run(main)  # absl's app.run; --help exits 0.
+  help_flags.run(main)  # absl's app.run; --help exits 0.

@@ -242,7 +242,7 @@ _JAX_SCRIPT = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {repo!r})
     from absl import app
-    from official_shapemask import cli, quiet_logs
+    from official_shapemask import help_flags, quiet_logs
     quiet_logs.install()
 
     def main(argv):
@@ -269,7 +269,7 @@ _JAX_SCRIPT = textwrap.dedent("""
           ckpt, tf_dir, move_unreadable=True, print_fn=None)
       print("restored", os.path.basename(restored), flush=True)
 
-    cli.run(main)
+    help_flags.run(main)
 """)
 
 

@@ -29,7 +29,7 @@ import time
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
-from official_shapemask import cli  # pylint: disable=g-import-not-at-top
+from official_shapemask import help_flags  # pylint: disable=g-import-not-at-top
 from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top
 
 from absl import app  # pylint: disable=g-import-not-at-top
@@ -124,4 +124,4 @@ def main(argv):
 if __name__ == '__main__':
   quiet_logs.install()  # Before TensorFlow is imported.
   _define_flags()
-  cli.run(main)  # absl's app.run; --help exits 0.
+  help_flags.run(main)  # absl's app.run; --help exits 0.

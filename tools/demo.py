@@ -30,7 +30,7 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
-from official_shapemask import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from official_shapemask import help_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_out",
@@ -162,4 +162,4 @@ def main(argv):
 if __name__ == "__main__":
   # One stderr filter for every step (the tools see it and add none).
   quiet_logs.install()
-  cli.run(main)  # absl's app.run; --help exits 0.
+  help_flags.run(main)  # absl's app.run; --help exits 0.

@@ -92,5 +92,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from official_shapemask import cli  # pylint: disable=g-import-not-at-top
-  cli.run(main)  # absl's app.run; --help exits 0.
+  from official_shapemask import help_flags  # pylint: disable=g-import-not-at-top
+  help_flags.run(main)  # absl's app.run; --help exits 0.

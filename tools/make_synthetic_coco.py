@@ -337,6 +337,6 @@ def main(argv):
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
-  from official_shapemask import cli  # pylint: disable=g-import-not-at-top
+  from official_shapemask import help_flags  # pylint: disable=g-import-not-at-top
   _define_flags()
-  cli.run(main)  # absl's app.run; --help exits 0.
+  help_flags.run(main)  # absl's app.run; --help exits 0.

@@ -1,6 +1,6 @@
 """`--help` exits 0 on train.py and every script in tools/.
 
-absl's help flags exit with status 1 by themselves; `official_shapemask.cli`
+absl's help flags exit with status 1 by themselves; `official_shapemask.help_flags`
 makes them exit 0. A flag that does not parse still exits 1.
 """
 import os
