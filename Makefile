@@ -1,5 +1,7 @@
 # One-command set-up: every target builds .venv/ from requirements.txt when it
-# is missing or older than that file.
+# is missing or older than that file or pyproject.toml, then installs this
+# checkout into it (editable: `python train.py`, `python tools/<name>.py` and
+# the shapemask-* commands run the checkout's code).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,10 +9,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-fast demo clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -31,4 +34,4 @@ demo: $(STAMP)
 	$(PY) tools/demo.py --output_dir demo_out
 
 clean:
-	rm -rf demo_out runs out .pytest_cache
+	rm -rf demo_out runs out .pytest_cache build dist

@@ -1,88 +1,10 @@
 """Train and evaluate ShapeMask.
 
-  python train.py --gin_file=shapemask_r101.gin \
-      --gin_bindings="TRAIN_FILE_PATTERN='gs://bucket/coco/train-*'" \
-      --model_dir=gs://bucket/shapemask --mode=train --strategy=tpu --tpu=NAME
-
-The Keras backend chooses the engine: TensorFlow (default) runs the
-tf.distribute loop; `KERAS_BACKEND=jax python train.py ...` runs the JAX
-engine (keras.distribution over every device; same gin files and outputs).
-
-Short gin names are looked up in gin/; paths work too. See README.md for the
-seed's commands and their equivalents.
+Runs official_shapemask/cli/train.py (`--help` explains it); where the package
+is installed, the same program is the `shapemask-train` command.
 """
 
-import os
-import sys
-
-from absl import app
-from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official_shapemask import help_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_GIN_FILES = flags.DEFINE_multi_string(
-    "gin_file", [], "gin config file; repeatable, later files override "
-    "earlier ones. A short name such as shapemask_r101.gin is found in gin/.")
-_BINDINGS = flags.DEFINE_multi_string(
-    "gin_bindings", [], "a gin binding 'NAME=VALUE' applied after the files; "
-    "repeatable, e.g. --gin_bindings=\"TRAIN_FILE_PATTERN='data/train-*'\".")
-_MODEL_DIR = flags.DEFINE_string(
-    "model_dir", None, "directory for checkpoints, config.gin, TensorBoard "
-    "logs and eval_<step>.json results (local or gs://).")
-_MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "train_and_eval"],
-    "train: train to the configured total steps (resuming from model_dir); "
-    "eval: evaluate the latest checkpoint once, or each new one while "
-    "--eval_timeout allows; train_and_eval: alternate training and "
-    "evaluation on the gin-set interval, and evaluate once more at the end.")
-_STRATEGY = flags.DEFINE_enum(
-    "strategy", "one_device", ["tpu", "mirrored", "multi_worker",
-                               "one_device"],
-    "tf.distribute strategy of the TensorFlow loop: tpu (TPUStrategy, "
-    "--tpu), mirrored (local GPUs), multi_worker (MultiWorkerMirrored, reads "
-    "TF_CONFIG), one_device. With KERAS_BACKEND=jax the JAX engine runs "
-    "instead, data parallel over every device (multi-host: the "
-    "KERAS_DISTRIBUTION_* environment variables).")
-_TPU = flags.DEFINE_string(
-    "tpu", None, "TPU name or grpc:// address for --strategy=tpu "
-    "(empty on a TPU VM).")
-_EVAL_TIMEOUT = flags.DEFINE_integer(
-    "eval_timeout", 0, "--mode=eval: seconds to keep waiting for a new "
-    "checkpoint after the last evaluation; 0 evaluates the latest once.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _MODEL_DIR.value:
-    raise app.UsageError("--model_dir is required")
-  if not _GIN_FILES.value:
-    raise app.UsageError("give at least one --gin_file")
-  # pylint: disable=g-import-not-at-top
-  import keras
-  if keras.backend.backend() == "jax" and (
-      _STRATEGY.value != "one_device" or _TPU.value):
-    raise app.UsageError(
-        "--strategy and --tpu choose the TensorFlow loop's tf.distribute "
-        "strategy; with KERAS_BACKEND=jax the JAX engine uses every device "
-        "of every process (see README: multi-host)")
-  from official_shapemask.training import experiment
-  from official_shapemask.training import gin_utils
-  from official_shapemask.training import modes
-  from official_shapemask.training import train_loop
-  try:
-    gin_utils.parse_config(_GIN_FILES.value, _BINDINGS.value)
-    modes.run(mode=_MODE.value, model_dir=_MODEL_DIR.value,
-              strategy_name=_STRATEGY.value, tpu=_TPU.value,
-              eval_timeout=_EVAL_TIMEOUT.value)
-  except (gin_utils.ConfigError, experiment.InvalidInputError,
-          train_loop.DivergenceError) as e:
-    # Configuration and input errors, and a diverged run: one clear line.
-    sys.exit(f"train.py: error: {e}")
-
+from official_shapemask.cli import train
 
 if __name__ == "__main__":
-  quiet_logs.install()  # Before TensorFlow is imported.
-  help_flags.run(main)  # absl's app.run; --help exits 0.
+  train.console_entry()

@@ -1,10 +1,11 @@
-"""absl's `app.run` for `train.py` and the tools, with `--help` exiting 0.
+"""absl's flags parser for the programs, with `--help` exiting 0.
 
 absl's help flags (`--help`, `-?`, `--helpshort`, `--helpfull`,
 `--helpxml`) print the usage and then exit with status 1, so a script or CI
-job that asks a tool for its usage reads a failure. `run(main)` is
-`app.run(main)` with a flags parser that exits 0 after the help was printed;
-a flag that does not parse still exits 1 with absl's message. Standard
+job that asks a tool for its usage reads a failure. `parse_flags` is the
+flags parser `cli/entry.run` gives `app.run`: it exits 0 after the help was
+printed; a flag that does not parse still exits 1 with absl's message.
+`run(main)` is `app.run(main)` with it (the benchmark tools). Standard
 library and absl only (no TensorFlow import).
 """
 

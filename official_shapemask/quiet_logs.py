@@ -85,7 +85,7 @@ KNOWN_PYTHON_RECORDS = (
      "the same read-only Orbax manager names its directory"),
     (r"From \S+: update_checkpoint_state \(from tensorflow\.python\."
      r"checkpoint\.checkpoint_management\) is deprecated",
-     "training/checkpoints.py rewrites the checkpoint list after moving an "
+     "weights/checkpoints.py rewrites the checkpoint list after moving an "
      "unreadable checkpoint aside; tf.train.CheckpointManager has no call "
      "for it"),
 )

@@ -56,7 +56,7 @@ def coco_tiny_root():
 
 
 def _convert(root, split, out_dir, num_shards):
-  from official_shapemask.dataloaders import coco_tfrecord
+  from official_shapemask.data_prep import coco_tfrecord
   prefix = str(out_dir / split)
   coco_tfrecord.convert_coco_to_tfrecords(
       image_dir=str(root / f"{split}2017"),

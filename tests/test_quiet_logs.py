@@ -113,7 +113,6 @@ def test_python_filter():
 
 _SCRIPT = textwrap.dedent("""
     import logging, os, sys, subprocess
-    sys.path.insert(0, {repo!r})
     from official_shapemask import quiet_logs
     quiet_logs.install()
     print("level", os.environ.get("TF_CPP_MIN_LOG_LEVEL"), flush=True)
@@ -125,7 +124,6 @@ _SCRIPT = textwrap.dedent("""
     logging.getLogger("tensorflow").warning("a real warning")
     # A child inherits the filtered stderr and adds no second filter.
     subprocess.run([sys.executable, "-c", "import os, sys; "
-                    "sys.path.insert(0, {repo!r}); "
                     "from official_shapemask import quiet_logs; "
                     "quiet_logs.install(); "
                     "os.write(2, ({cuinit!r} + '\\\\nchild says hi\\\\n')"
@@ -138,10 +136,10 @@ _SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("verbose", [False, True])
 def test_crash_output_survives_and_verbose_shows_all(tmp_path, verbose):
   script = tmp_path / "tool.py"
-  script.write_text(_SCRIPT.format(repo=str(REPO_ROOT), cuinit=CUINIT,
-                                   real=REAL_ERROR))
+  script.write_text(_SCRIPT.format(cuinit=CUINIT, real=REAL_ERROR))
   env = {k: v for k, v in os.environ.items()
          if k not in ("TF_CPP_MIN_LOG_LEVEL", quiet_logs.VERBOSE_ENV)}
+  env["PYTHONPATH"] = str(REPO_ROOT)  # The checkout's package.
   if verbose:
     env[quiet_logs.VERBOSE_ENV] = "1"
   proc = subprocess.run([sys.executable, str(script)], env=env,
@@ -172,7 +170,6 @@ def test_tensorflow_run_is_quiet_and_its_errors_show(tmp_path):
   script = tmp_path / "tf_run.py"
   script.write_text(textwrap.dedent(f"""
       import sys
-      sys.path.insert(0, {str(REPO_ROOT)!r})
       from official_shapemask import quiet_logs
       quiet_logs.install()
       import tensorflow as tf
@@ -182,6 +179,7 @@ def test_tensorflow_run_is_quiet_and_its_errors_show(tmp_path):
   """))
   env = {k: v for k, v in os.environ.items()
          if k not in ("TF_CPP_MIN_LOG_LEVEL", quiet_logs.VERBOSE_ENV)}
+  env["PYTHONPATH"] = str(REPO_ROOT)  # The checkout's package.
   missing = tmp_path / "no_such_file"
   proc = subprocess.run([sys.executable, str(script), str(missing)], env=env,
                         capture_output=True, text=True, timeout=300,
@@ -204,7 +202,7 @@ ORBAX_READ_ONLY = (
     "CheckpointManagerOptions.read_only=True, setting max_to_keep=None.",
     "Given directory is read only=/tmp/run/checkpoints")
 TF_STATE_DEPRECATION = (
-    "From /work/official_shapemask/training/checkpoints.py:371: "
+    "From /work/official_shapemask/weights/checkpoints.py:371: "
     "update_checkpoint_state (from tensorflow.python.checkpoint."
     "checkpoint_management) is deprecated and will be removed in a future "
     "version.\nInstructions for updating:\nUse `tf.train.CheckpointManager` "
@@ -250,7 +248,7 @@ _JAX_SCRIPT = textwrap.dedent("""
       import jax
       print("devices", jax.devices(), flush=True)  # Looks for a TPU first.
       import tensorflow as tf
-      from official_shapemask.training import checkpoints, jax_checkpoints
+      from official_shapemask.weights import checkpoints, jax_checkpoints
       # Evaluation's read-only Orbax manager (train_step: unused to list).
       os.makedirs(os.path.join(model_dir, "checkpoints"))
       manager = jax_checkpoints.CheckpointManager(model_dir, None,

@@ -8,7 +8,7 @@ to the last class. Two checks stop that before the first step:
 
 * ``check_label_maps``: the converter writes ``{prefix}_label_map.json``
   beside its shards ``{prefix}-NNNNN-of-NNNNN.tfrecord``
-  (``dataloaders/coco_tfrecord.py``); its largest id is compared with
+  (``data_prep/coco_tfrecord.py``); its largest id is compared with
   ``num_classes`` before anything starts, naming the id and the file.
 * ``check_in_graph``: for records without a label map (another writer), the
   parser asserts on every record's decoded ids; the failing record's shard

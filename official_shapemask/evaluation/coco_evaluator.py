@@ -29,7 +29,7 @@ dict per detection.
 
 `evaluate_async()` runs COCOeval in a background thread or a spawned
 process and returns a `concurrent.futures.Future`. docs/benchmarks.md has
-the evaluation's cost per stage at COCO scale (tools/benchmark_eval.py).
+the evaluation's cost per stage at COCO scale (tools/bench/benchmark_eval.py).
 """
 import collections
 import concurrent.futures

@@ -2,6 +2,8 @@
 
 from keras import ops
 
+from official_shapemask.losses.group_sums import normalized_sum
+
 # Anchor labels in `cls_targets` (contracts.md).
 NEGATIVE_LABEL = -1
 IGNORE_LABEL = -2
@@ -30,7 +32,8 @@ def focal_modulator(logits, targets, gamma):
   return ops.exp(-gamma * targets * logits - gamma * ops.softplus(-logits))
 
 
-def focal_loss(logits, cls_targets, alpha=0.4, gamma=1.5, normalizer=1.0):
+def focal_loss(logits, cls_targets, alpha=0.4, gamma=1.5, normalizer=1.0,
+               num_groups=1):
   """Summed sigmoid focal loss over anchors and classes.
 
   Targets are one-hot over the C class slots; negatives (-1) and ignored
@@ -43,7 +46,10 @@ def focal_loss(logits, cls_targets, alpha=0.4, gamma=1.5, normalizer=1.0):
       -2 ignored.
     alpha: float, positive weight.
     gamma: float, focusing exponent.
-    normalizer: float scalar (e.g. total positives + 1).
+    normalizer: float scalar (e.g. total positives + 1), or ``[G]`` with
+      `num_groups` G > 1 (one per group).
+    num_groups: int G: the sum of each group of ``B / G`` images is divided
+      by its normalizer and the G results averaged (`group_sums`).
 
   Returns:
     float32 scalar: the sum divided by `normalizer`.
@@ -58,4 +64,5 @@ def focal_loss(logits, cls_targets, alpha=0.4, gamma=1.5, normalizer=1.0):
           sigmoid_cross_entropy(logits, targets))
   loss = ops.where(positive, alpha * loss, (1.0 - alpha) * loss)
   keep = ops.cast(ops.not_equal(cls_targets, IGNORE_LABEL), "float32")
-  return ops.sum(loss * keep[..., None]) / ops.cast(normalizer, "float32")
+  return normalized_sum(loss * keep[..., None],
+                        ops.cast(normalizer, "float32"), num_groups)

@@ -6,8 +6,8 @@ from keras import ops
 def l2_regularization_loss(variables, weight=1e-4):
   """``weight * sum_v 0.5 * ||v||**2`` over `variables`, in float32.
 
-  ShapeMask decays every trainable variable (kernels, biases, batch-norm
-  gamma/beta); the caller picks the list (e.g. ``model.trainable_variables``).
+  The caller picks the list: `ShapeMaskModel.l2_regularized_variables()`
+  (every trainable variable, or the seed's subset).
 
   Args:
     variables: iterable of variables or tensors.

@@ -3,11 +3,15 @@
 Reference spec section 6. Both are normalised by the number of foreground
 target pixels summed over **all** mask slots (valid or not) plus an epsilon
 (1e-20 in the reference), and only valid slots contribute to the numerator.
+With ``num_groups = G > 1`` numerator and count are per group of ``B / G``
+images and the G quotients are averaged (`group_sums`).
 """
 
 from keras import ops
 
 from official_shapemask.losses.focal_loss import sigmoid_cross_entropy
+from official_shapemask.losses.group_sums import group_sums
+from official_shapemask.losses.group_sums import normalized_sum
 
 MASK_LOSS_EPSILON = 1e-20
 
@@ -18,7 +22,7 @@ def _valid_weights(mask_is_valid):
 
 
 def shape_prior_loss(prior_masks, mask_targets, mask_is_valid,
-                     epsilon=MASK_LOSS_EPSILON):
+                     epsilon=MASK_LOSS_EPSILON, num_groups=1):
   """``0.5 * sum((T - prior)**2 * valid) / (sum(T) + epsilon)``.
 
   Args:
@@ -26,6 +30,7 @@ def shape_prior_loss(prior_masks, mask_targets, mask_is_valid,
     mask_targets: ``[B, N, m, m]`` binary targets (outer-box frame).
     mask_is_valid: ``[B, N]`` 0/1 slot validity.
     epsilon: float, denominator guard.
+    num_groups: int G, groups of ``B / G`` images normalised on their own.
 
   Returns:
     float32 scalar.
@@ -33,11 +38,12 @@ def shape_prior_loss(prior_masks, mask_targets, mask_is_valid,
   priors = ops.cast(prior_masks, "float32")
   targets = ops.cast(mask_targets, "float32")
   squared = ops.square(targets - priors) * _valid_weights(mask_is_valid)
-  return 0.5 * ops.sum(squared) / (ops.sum(targets) + epsilon)
+  return 0.5 * normalized_sum(
+      squared, group_sums(targets, num_groups) + epsilon, num_groups)
 
 
 def mask_cross_entropy_loss(mask_logits, mask_targets, mask_is_valid,
-                            epsilon=MASK_LOSS_EPSILON):
+                            epsilon=MASK_LOSS_EPSILON, num_groups=1):
   """``sum(sigmoid_ce(logits, T) * valid) / (sum(T) + epsilon)``.
 
   Used for the coarse (``m x m``) and the fine (``m*u x m*u``) logits.
@@ -47,6 +53,7 @@ def mask_cross_entropy_loss(mask_logits, mask_targets, mask_is_valid,
     mask_targets: ``[B, N, s, s]`` binary targets (outer-box frame).
     mask_is_valid: ``[B, N]`` 0/1 slot validity.
     epsilon: float, denominator guard.
+    num_groups: int G, groups of ``B / G`` images normalised on their own.
 
   Returns:
     float32 scalar.
@@ -54,4 +61,5 @@ def mask_cross_entropy_loss(mask_logits, mask_targets, mask_is_valid,
   targets = ops.cast(mask_targets, "float32")
   losses = (sigmoid_cross_entropy(mask_logits, targets) *
             _valid_weights(mask_is_valid))
-  return ops.sum(losses) / (ops.sum(targets) + epsilon)
+  return normalized_sum(losses, group_sums(targets, num_groups) + epsilon,
+                        num_groups)

@@ -10,6 +10,7 @@ from keras import ops
 
 from official_shapemask.losses.box_loss import huber_box_loss
 from official_shapemask.losses.focal_loss import focal_loss
+from official_shapemask.losses.group_sums import group_sums
 from official_shapemask.losses.mask_losses import MASK_LOSS_EPSILON
 from official_shapemask.losses.mask_losses import mask_cross_entropy_loss
 from official_shapemask.losses.mask_losses import shape_prior_loss
@@ -35,7 +36,10 @@ class ShapeMaskLoss:
   """Computes every ShapeMask loss term in float32.
 
   Class and box losses are normalised by ``sum_batch(num_positives) + 1``
-  (per replica); the mask losses by their foreground pixel counts.
+  (per replica); the mask losses by their foreground pixel counts. Called
+  with ``num_groups = G > 1``, each term is normalised within each group of
+  ``B / G`` consecutive images and averaged over the groups, as G replicas
+  of the `tf.distribute` loop compute it (`group_sums`).
 
   Args:
     focal_loss_alpha: float, focal-loss positive weight.
@@ -67,7 +71,7 @@ class ShapeMaskLoss:
     self.fine_loss_weight = float(fine_loss_weight)
     self.mask_loss_epsilon = float(mask_loss_epsilon)
 
-  def __call__(self, labels, outputs):
+  def __call__(self, labels, outputs, num_groups=1):
     """All loss terms.
 
     Args:
@@ -80,6 +84,7 @@ class ShapeMaskLoss:
         ``box_outputs`` ``[B, A, 4]``, ``prior_masks`` ``[B, N, m, m]``,
         ``coarse_mask_logits`` ``[B, N, m, m]``, ``fine_mask_logits``
         ``[B, N, m*u, m*u]``.
+      num_groups: int G >= 1 dividing B: per-group normalisation, averaged.
 
     Returns:
       dict of float32 scalars: cls_loss, box_loss, prior_loss, coarse_loss,
@@ -87,25 +92,28 @@ class ShapeMaskLoss:
     """
     _require(labels, LABEL_KEYS, "labels")
     _require(outputs, OUTPUT_KEYS, "outputs")
-    normalizer = ops.sum(ops.cast(labels["num_positives"], "float32")) + 1.0
+    groups = num_groups
+    normalizer = group_sums(ops.cast(labels["num_positives"], "float32"),
+                            groups) + 1.0
     valid = labels["mask_is_valid"]
     terms = {
         "cls_loss": focal_loss(
             outputs["cls_outputs"], labels["cls_targets"],
             alpha=self.focal_loss_alpha, gamma=self.focal_loss_gamma,
-            normalizer=normalizer),
+            normalizer=normalizer, num_groups=groups),
         "box_loss": huber_box_loss(
             outputs["box_outputs"], labels["box_targets"],
-            delta=self.huber_loss_delta, normalizer=normalizer),
+            delta=self.huber_loss_delta, normalizer=normalizer,
+            num_groups=groups),
         "prior_loss": shape_prior_loss(
             outputs["prior_masks"], labels["mask_targets"], valid,
-            epsilon=self.mask_loss_epsilon),
+            epsilon=self.mask_loss_epsilon, num_groups=groups),
         "coarse_loss": mask_cross_entropy_loss(
             outputs["coarse_mask_logits"], labels["mask_targets"], valid,
-            epsilon=self.mask_loss_epsilon),
+            epsilon=self.mask_loss_epsilon, num_groups=groups),
         "fine_loss": mask_cross_entropy_loss(
             outputs["fine_mask_logits"], labels["fine_mask_targets"], valid,
-            epsilon=self.mask_loss_epsilon),
+            epsilon=self.mask_loss_epsilon, num_groups=groups),
     }
     terms["model_loss"] = (
         terms["cls_loss"] + self.box_loss_weight * terms["box_loss"] +

@@ -90,6 +90,7 @@ def build_shapemask_model(num_classes=91,
                           coarse_loss_weight=1.0,
                           fine_loss_weight=1.0,
                           l2_weight_decay=1e-4,
+                          l2_variables="all",
                           num_mask_slots=8):
   """Builds a ShapeMask model with all variables created.
 
@@ -124,7 +125,11 @@ def build_shapemask_model(num_classes=91,
     pre_nms_num_boxes, nms_iou_threshold, score_threshold,
       max_num_detections: post-processing.
     focal_loss_alpha ... fine_loss_weight: loss settings.
-    l2_weight_decay: weight decay over all trainable variables.
+    l2_weight_decay: weight of the L2 term.
+    l2_variables: the trainable variables it decays: `'all'` (the
+      reference since December 2019) or `'seed_2019'` (the seed's rule: not
+      the backbone's batch-norm gamma/beta, no bias). See
+      `ShapeMaskModel.l2_regularized_variables`.
     num_mask_slots: instance slots used to build the mask heads' variables.
 
   Returns:
@@ -188,7 +193,7 @@ def build_shapemask_model(num_classes=91,
       coarse_head=coarse_head, fine_head=fine_head,
       detection_generator=generator, loss=loss, image_size=image_size,
       outer_box_scale=outer_box_scale, l2_weight_decay=l2_weight_decay,
-      name="shapemask")
+      l2_variables=l2_variables, name="shapemask")
   build_model_variables(model, num_mask_slots)
   if priors is not None:
     model.prior_head.set_shape_priors(priors)

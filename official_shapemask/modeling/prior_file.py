@@ -2,7 +2,7 @@
 
 The model builder (`modeling.factory`) loads priors through this module; the
 k-means generator that writes such files lives with the data tools
-(`dataloaders.shape_priors`). The array is float32 ``[C, K, S, S]``: one row
+(`data_prep.shape_priors`). The array is float32 ``[C, K, S, S]``: one row
 per class slot (the raw category id; ``C = 1`` in class-agnostic mode), ``K``
 priors of ``S x S`` soft masks in [0, 1], in the tight-box frame.
 """

@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from official_shapemask import losses as losses_lib
+from official_shapemask.modeling.layers import batch_norm
 from official_shapemask.ops import box_ops
 
 # Keys of the training labels that the forward pass needs (the mask branch
@@ -21,6 +22,10 @@ from official_shapemask.ops import box_ops
 MASK_INPUT_KEYS = ("mask_boxes", "mask_outer_boxes", "mask_classes")
 LOSS_NAMES = ("cls_loss", "box_loss", "prior_loss", "coarse_loss", "fine_loss",
               "l2_loss")
+# Which trainable variables the L2 term decays (`ShapeMaskModel.l2_variables`):
+# 'all' (the reference since December 2019) or 'seed_2019' (the seed's code:
+# all but the backbone's batch-norm gamma/beta and every bias).
+L2_VARIABLE_RULES = ("all", "seed_2019")
 
 
 def _is_eval_batch(data):
@@ -82,8 +87,16 @@ class ShapeMaskModel(keras.Model):
     loss: `ShapeMaskLoss` (weights of the loss terms).
     image_size: int, the square padded canvas side `S`.
     outer_box_scale: float, outer boxes = boxes scaled about their centre.
-    l2_weight_decay: float, weight of `0.5 * sum(v**2)` over trainable
-      variables (the reference decays all of them, biases and BN included).
+    l2_weight_decay: float, weight of `0.5 * sum(v**2)` over the variables
+      of `l2_variables`.
+    l2_variables: which trainable variables the L2 term decays (frozen
+      ones never count): `'all'` (the reference since December 2019:
+      kernels, biases, every batch-norm gamma/beta) or `'seed_2019'` (the
+      seed's code of November 2019: all but the backbone's batch-norm
+      gamma/beta and every bias; the FPN's and heads' batch norms are
+      decayed). See `l2_regularized_variables`.
+    batch_groups: int G, how training normalises (`set_batch_groups`);
+      1 = over the whole batch.
   """
 
   def __init__(self,
@@ -98,6 +111,8 @@ class ShapeMaskModel(keras.Model):
                image_size,
                outer_box_scale=1.25,
                l2_weight_decay=1e-4,
+               l2_variables="all",
+               batch_groups=1,
                **kwargs):
     super().__init__(**kwargs)
     self.backbone = backbone
@@ -111,11 +126,38 @@ class ShapeMaskModel(keras.Model):
     self.image_size = int(image_size)
     self.outer_box_scale = float(outer_box_scale)
     self.l2_weight_decay = float(l2_weight_decay)
+    if l2_variables not in L2_VARIABLE_RULES:
+      raise ValueError(
+          f"l2_variables={l2_variables!r} is not one of "
+          f"{', '.join(repr(r) for r in L2_VARIABLE_RULES)}")
+    self.l2_variables = l2_variables
     self._loss_trackers = {
         name: keras.metrics.Mean(name=name) for name in LOSS_NAMES
     }
     # Attribute assignment makes Keras track the metrics (reset per epoch).
     self.loss_trackers = list(self._loss_trackers.values())
+    self.set_batch_groups(batch_groups)
+
+  def set_batch_groups(self, num_groups):
+    """Normalise training batches in `num_groups` groups (ghost batches).
+
+    With G > 1 a training batch of B images counts as G replicas of
+    ``B / G`` consecutive images each: every batch norm takes its
+    statistics per group (`batch_norm.BatchNormalization(num_groups=G)`)
+    and `compute_losses` normalises every term within each group, then
+    averages over the groups (`losses.group_sums`). So one device computes
+    what G replicas of the `tf.distribute` loop compute. The engines set it
+    from `Experiment.per_replica_batch_size`, before the step is traced.
+    Inference does not depend on it; B must be a multiple of G in training.
+
+    Args:
+      num_groups: int >= 1.
+    """
+    num_groups = batch_norm.check_num_groups(num_groups)
+    for layer in self._flatten_layers(include_self=False, recursive=True):  # pylint: disable=protected-access
+      if isinstance(layer, batch_norm.BatchNormalization):
+        layer.set_num_groups(num_groups)
+    self.batch_groups = num_groups
 
   def _trackable_children(self, save_type="checkpoint", **kwargs):
     # Called by TensorFlow when it saves or restores a checkpoint/SavedModel.
@@ -180,6 +222,33 @@ class ShapeMaskModel(keras.Model):
     return outputs
 
   # ------------------------------------------------------------------- loss
+  def l2_regularized_variables(self):
+    """The trainable variables the L2 term decays (`l2_variables`).
+
+    `'seed_2019'` leaves out, by layer rather than by name, the gamma and
+    beta of every batch norm inside the backbone and the bias of every
+    layer (convolutions, transposed convolution, predictors); in the
+    reference's names these are the variables containing
+    `batch_normalization` or `bias`.
+
+    Returns:
+      list of variables, in `trainable_variables` order.
+    """
+    variables = self.trainable_variables
+    if self.l2_variables == "all":
+      return variables
+    excluded = set()
+    for layer in self.backbone._flatten_layers(include_self=True,  # pylint: disable=protected-access
+                                               recursive=True):
+      if isinstance(layer, keras.layers.BatchNormalization):
+        excluded.update(id(v) for v in (layer.gamma, layer.beta)
+                        if v is not None)
+    for layer in self._flatten_layers(include_self=False, recursive=True):  # pylint: disable=protected-access
+      bias = getattr(layer, "bias", None)
+      if isinstance(bias, keras.Variable):
+        excluded.add(id(bias))
+    return [v for v in variables if id(v) not in excluded]
+
   def compute_losses(self, labels, outputs):
     """All loss terms, in float32.
 
@@ -189,11 +258,15 @@ class ShapeMaskModel(keras.Model):
 
     Returns:
       dict of scalars: cls_loss, box_loss, prior_loss, coarse_loss,
-      fine_loss, model_loss, l2_loss and total_loss (= model_loss + l2_loss).
+      fine_loss, model_loss, l2_loss (over `l2_regularized_variables`) and
+      total_loss (= model_loss + l2_loss).
+      With `batch_groups` G > 1 each model term is the mean over the G
+      groups of the term normalised within the group; L2 is added once.
     """
-    terms = dict(self.shapemask_loss(labels, outputs))
+    terms = dict(self.shapemask_loss(labels, outputs,
+                                     num_groups=self.batch_groups))
     terms["l2_loss"] = losses_lib.l2_regularization_loss(
-        self.trainable_variables, self.l2_weight_decay)
+        self.l2_regularized_variables(), self.l2_weight_decay)
     terms["total_loss"] = terms["model_loss"] + terms["l2_loss"]
     return terms
 
@@ -270,6 +343,8 @@ class ShapeMaskModel(keras.Model):
         "image_size": self.image_size,
         "outer_box_scale": self.outer_box_scale,
         "l2_weight_decay": self.l2_weight_decay,
+        "l2_variables": self.l2_variables,
+        "batch_groups": self.batch_groups,
     })
     return config
 

@@ -42,7 +42,10 @@ import tensorflow as tf
 
 from official.vision.ops import preprocess_ops
 from official_shapemask.dataloaders import image_ops
-from official_shapemask.training import checkpoints
+from official_shapemask.serving import export_dirs
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
+from official_shapemask.weights import paths
 
 SIGNATURE_IMAGE_TENSOR = 'image_tensor'
 SIGNATURE_IMAGE_BYTES = 'image_bytes'
@@ -201,9 +204,17 @@ def restore_model(model, checkpoint):
   if (tf.io.gfile.isdir(checkpoint) and
       tf.train.latest_checkpoint(checkpoint) is None):
     # A JAX-engine model directory: its weights file for export.
-    checkpoint = checkpoints.latest_model_weights(checkpoint) or checkpoint
-  path = checkpoints.resolve_checkpoint(checkpoint)
-  if checkpoints.is_keras_weights_file(path):
+    weights = paths.latest_model_weights(checkpoint)
+    if weights is None and _orbax_checkpoints(checkpoint):
+      raise FileNotFoundError(
+          f'{checkpoint} holds JAX-engine (Orbax) checkpoints, which export '
+          'and predict do not read; they read the '
+          'shapemask-<step>.weights.h5 that a JAX run writes into its '
+          'model_dir when it reaches its total steps (--checkpoint=<model_dir> '
+          'finds the newest)')
+    checkpoint = weights or checkpoint
+  path = paths.resolve_checkpoint(checkpoint)
+  if paths.is_keras_weights_file(path):
     return checkpoints.load_model_weights(model, path)
   root = tf.train.Checkpoint(model=model)
   try:
@@ -218,7 +229,7 @@ def restore_model(model, checkpoint):
     # Truncated data reads short (IndexError), overwritten bytes fail the
     # checksum, a data file is missing.
     raise ValueError(
-        f'checkpoint {path} cannot be read ({checkpoints.first_line(e)}); '
+        f'checkpoint {path} cannot be read ({errors.first_line(e)}); '
         f'give an earlier one, e.g. --checkpoint={path.rsplit("-", 1)[0]}-N '
         f'(see {os.path.dirname(path) or "."}/checkpoint)') from e
   untracked = untracked_variables(model)
@@ -231,6 +242,17 @@ def restore_model(model, checkpoint):
         f'dicts), e.g. {", ".join(untracked[:3])}. Refusing to export '
         f'{path} with uninitialised weights.')
   return path
+
+
+def _orbax_checkpoints(path):
+  """Whether `path` is a JAX run's model_dir, its `checkpoints/` folder or
+  one of its steps (Orbax folders: `checkpoints/<step>/state`)."""
+  def has_steps(folder):
+    return tf.io.gfile.isdir(folder) and any(
+        name.rstrip('/').isdigit() for name in tf.io.gfile.listdir(folder))
+
+  return (has_steps(os.path.join(path, 'checkpoints')) or has_steps(path) or
+          tf.io.gfile.isdir(os.path.join(path, 'state')))
 
 
 def untracked_variables(model):
@@ -265,31 +287,31 @@ def export_saved_model(model, export_dir, batch_size=1, checkpoint=None,
   """Writes `model` as a SavedModel with the serving signatures.
 
   The SavedModel is written to a temporary directory next to `export_dir`
-  and renamed into place when complete, so `export_dir` never holds a partial
-  export. Also writes `assets.extra/shapemask_export.json` (image size, batch
-  size, classes, checkpoint, signatures).
+  and swapped into place when complete (`export_dirs.swap_in`), so
+  `export_dir` never holds a partial export and a failed export leaves an
+  earlier one whole. Also writes `assets.extra/shapemask_export.json`
+  (image size, batch size, classes, checkpoint, signatures).
 
   Args:
     model: a built `ShapeMaskModel` with its weights.
     export_dir: output directory.
     batch_size: static batch size of the signatures, or None for dynamic.
     checkpoint: optional checkpoint path, recorded in the metadata.
-    overwrite: replace an existing non-empty `export_dir`.
+    overwrite: replace an earlier SavedModel in `export_dir` (never a
+      directory holding anything else, such as a training run).
     extra_metadata: optional dict merged into the metadata JSON.
 
   Returns:
-    dict: the metadata written, plus `export_dir` and `seconds`.
+    dict: the metadata written, plus `export_dir`, `seconds` and
+    `left_over` (an earlier export that could not be deleted, or None).
 
   Raises:
-    FileExistsError: `export_dir` exists, is not empty and not `overwrite`.
+    FileExistsError: `export_dir` is a file, or not empty and either not a
+      SavedModel or not `overwrite` (`export_dirs.check_export_dir`).
   """
   start = time.perf_counter()
   export_dir = export_dir.rstrip('/')
-  if (tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir) and
-      not overwrite):
-    raise FileExistsError(
-        f'export_dir {export_dir} exists and is not empty; pass '
-        f'overwrite=True (--overwrite) to replace it.')
+  export_dirs.check_export_dir(export_dir, overwrite)
   parent = os.path.dirname(export_dir)
   if parent:
     tf.io.gfile.makedirs(parent)
@@ -303,17 +325,13 @@ def export_saved_model(model, export_dir, batch_size=1, checkpoint=None,
     tf.io.gfile.makedirs(os.path.join(tmp_dir, 'assets.extra'))
     with tf.io.gfile.GFile(os.path.join(tmp_dir, METADATA_FILE), 'w') as f:
       json.dump(metadata, f, indent=2)
-    old_dir = None
-    if tf.io.gfile.exists(export_dir):
-      old_dir = f'{export_dir}.old-{token}'
-      tf.io.gfile.rename(export_dir, old_dir)
-    tf.io.gfile.rename(tmp_dir, export_dir)
-    if old_dir:
-      tf.io.gfile.rmtree(old_dir)
+    # Checked again: another process may have written there meanwhile.
+    export_dirs.check_export_dir(export_dir, overwrite)
+    left_over = export_dirs.swap_in(tmp_dir, export_dir, token)
   finally:
     if tf.io.gfile.exists(tmp_dir):
       tf.io.gfile.rmtree(tmp_dir)
-  metadata = dict(metadata, export_dir=export_dir,
+  metadata = dict(metadata, export_dir=export_dir, left_over=left_over,
                   seconds=time.perf_counter() - start)
   return metadata
 

@@ -90,14 +90,15 @@ class Predictor:
     return predictor
 
   @classmethod
-  def from_checkpoint(cls, gin_files, gin_bindings, checkpoint,
-                      batch_size=1):
-    """Builds the model from gin and restores a training checkpoint."""
-    # pylint: disable=g-import-not-at-top
-    from official_shapemask.modeling import factory
-    from official_shapemask.training import gin_utils
-    gin_utils.parse_config(gin_files, gin_bindings)
-    model = factory.build_shapemask_model()
+  def from_checkpoint(cls, model, checkpoint, batch_size=1):
+    """Restores a training checkpoint into `model` and serves it.
+
+    Args:
+      model: a `ShapeMaskModel` built as in training (the run's gin config:
+        `tools/predict.py --gin_file` parses it and builds the model).
+      checkpoint: what `export.restore_model` takes.
+      batch_size: images per call of the model.
+    """
     path = export.restore_model(model, checkpoint)
     module = export.ShapeMaskServingModule(model, batch_size=batch_size)
     predictor = cls(module.serve_bytes, batch_size, f'checkpoint {path}')

@@ -11,6 +11,7 @@ import inspect
 import os
 
 import gin
+from gin import config as gin_config
 import keras
 import tensorflow as tf
 
@@ -19,12 +20,15 @@ from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
+from official_shapemask.modeling import shapemask_model
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import errors
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
-from official_shapemask.training import gin_utils
-from official_shapemask.training import init_checkpoint as init_ckpt
+from official_shapemask.weights import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
+from official_shapemask.training import optimizers
+from official_shapemask.training import shape_prior_files
 from official_shapemask.training import strategies
 from official_shapemask.training import train_loop
 
@@ -104,8 +108,29 @@ def data_error(error, pattern, setting):
         f"leave it out of {pattern!r}")
   return InvalidInputError(
       f"{setting}={pattern!r}: a TFRecord file is damaged "
-      f"({checkpoints.first_line(error)}), but no single file fails there "
+      f"({errors.first_line(error)}), but no single file fails there "
       f"when read alone")
+
+
+def setting_name(configurable, param):
+  """How the user sets `configurable.param`: `MACRO (Experiment.param)` when
+  its unscoped gin binding is a macro, else `Experiment.param`.
+
+  Args:
+    configurable: the configurable's name as gin files write it
+      (`Experiment`).
+    param: the parameter name.
+  """
+  name = f"{configurable}.{param}"
+  macro_suffix = "/gin.macro"
+  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    if scope or selector.rsplit(".", 1)[-1] != configurable:
+      continue
+    value = params.get(param)
+    if isinstance(value, gin_config.ConfigurableReference) and (
+        value.scoped_selector.endswith(macro_suffix)):
+      return f"{value.scoped_selector[:-len(macro_suffix)]} ({name})"
+  return name
 
 
 def positive_setting(value, param, configurable="Experiment",
@@ -128,7 +153,7 @@ def positive_setting(value, param, configurable="Experiment",
   whole = isinstance(value, (int, float)) and not isinstance(value, bool) and (
       float(value).is_integer())
   if not whole or value < 1:
-    name = gin_utils.setting_name(configurable, param)
+    name = setting_name(configurable, param)
     macro = name.split(" ", 1)[0]
     unset = " (or None)" if optional else ""
     raise InvalidInputError(
@@ -184,21 +209,41 @@ def validate_init_checkpoint(init_checkpoint, prefix=None,
     raise InvalidInputError(f"init_checkpoint: {e}") from None
 
 
+def _check_choices():
+  """An unknown momentum form or L2 rule, named before anything starts."""
+  form = gin.get_bindings(build_momentum_optimizer).get(
+      "momentum_form", "keras")
+  if form not in MOMENTUM_FORMS:
+    raise InvalidInputError(
+        f"build_momentum_optimizer.momentum_form={form!r} is not one of "
+        f"{', '.join(repr(f) for f in MOMENTUM_FORMS)}")
+  rule = _model_setting("l2_variables")
+  if rule not in shapemask_model.L2_VARIABLE_RULES:
+    raise InvalidInputError(
+        f"build_shapemask_model.l2_variables={rule!r} is not one of "
+        f"{', '.join(repr(r) for r in shapemask_model.L2_VARIABLE_RULES)}")
+
+
 def validate_inputs(mode, train_file_pattern, eval_file_pattern,
                     init_checkpoint, init_checkpoint_prefix=None,
                     init_checkpoint_modules="backbone", print_fn=print):
   """Fails fast, naming the path, before the strategy starts.
 
   Checks the data patterns of `mode` (files that are not TFRecords by name
-  are skipped, saying so), the shape-prior file (readable, class count
-  equal to the model's `num_classes`, prior size equal to its
-  `mask_crop_size`), the init checkpoint (`validate_init_checkpoint`) and,
-  last, the converter's label maps beside the data (no category id at or
-  above `num_classes`).
+  are skipped, saying so), the shape-prior file (readable, class
+  count equal to the model's `num_classes`, prior size equal to its
+  `mask_crop_size`; a remote one is copied to the local cache first, see
+  `shape_prior_files`), the init checkpoint (`validate_init_checkpoint`)
+  and, last, the converter's label maps beside the data (no category id at
+  or above `num_classes`).
+
+  Also checks the choice settings `build_momentum_optimizer.momentum_form`
+  and `build_shapemask_model.l2_variables`.
 
   Raises:
-    InvalidInputError: naming the setting and the path.
+    InvalidInputError: naming the setting and the path (or value).
   """
+  _check_choices()
   data = {}
   if mode in ("train", "train_and_eval"):
     data["train_file_pattern"] = _require_records(
@@ -208,15 +253,20 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
         eval_file_pattern, "eval_file_pattern", print_fn)
   prior_path = _model_setting("shape_prior_path")
   if prior_path:
-    if not tf.io.gfile.exists(prior_path):
+    try:
+      local = shape_prior_files.local_copy(prior_path)
+    except shape_prior_files.UnreadablePriorsError as e:
+      raise InvalidInputError(str(e)) from None
+    if not tf.io.gfile.exists(local):
       raise InvalidInputError(
           f"shape_prior_path={prior_path!r} does not exist")
     try:
-      factory.load_priors(prior_path, _model_setting("num_classes"),
+      factory.load_priors(local, _model_setting("num_classes"),
                           _model_setting("use_category_for_mask"),
                           _model_setting("mask_crop_size"))
     except ValueError as e:  # Names the path and both counts or sizes.
-      raise InvalidInputError(str(e)) from None
+      copy = f" (the local copy of {prior_path})" if local != prior_path else ""
+      raise InvalidInputError(f"{e}{copy}") from None
   if init_checkpoint:
     validate_init_checkpoint(init_checkpoint, init_checkpoint_prefix,
                              init_checkpoint_modules)
@@ -224,6 +274,63 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   # the more direct mismatch.
   for setting, (files, skipped) in data.items():
     _check_label_maps(files, skipped, setting)
+
+
+def check_per_replica_batch_size(per_replica_batch_size, train_batch_size):
+  """Checks `Experiment.per_replica_batch_size` against the global batch.
+
+  Raises:
+    InvalidInputError: one line naming the numbers: not a positive integer,
+      not dividing `train_batch_size`, or combined with
+      `build_shapemask_model.use_sync_bn` (statistics over all replicas).
+  """
+  size = per_replica_batch_size
+  if size is None:
+    return
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise InvalidInputError(
+        f"Experiment.per_replica_batch_size={size!r} is not a positive "
+        "integer (or None)")
+  if train_batch_size % size:
+    raise InvalidInputError(
+        f"train_batch_size={train_batch_size} is not a multiple of "
+        f"Experiment.per_replica_batch_size={size}")
+  if _model_setting("use_sync_bn"):
+    raise InvalidInputError(
+        f"Experiment.per_replica_batch_size={size} asks for batch-norm "
+        "statistics over groups of that many images, but "
+        "build_shapemask_model.use_sync_bn=True takes them over all "
+        "replicas: unset one of the two")
+
+
+def batch_groups(batch_size, per_replica_batch_size, what=None):
+  """Groups of `per_replica_batch_size` images in a batch of `batch_size`.
+
+  The group count of `ShapeMaskModel.set_batch_groups`: batch-norm
+  statistics and loss normalisers over groups of `per_replica_batch_size`
+  images. The TensorFlow loop passes its per-replica batch, the JAX engine
+  its global batch.
+
+  Args:
+    batch_size: int, the images one step of the model sees.
+    per_replica_batch_size: int or None (None: one group, the whole batch).
+    what: the batch with its size, for the error message (default
+      `train_batch_size=<batch_size>`).
+
+  Returns:
+    int >= 1.
+
+  Raises:
+    InvalidInputError: `batch_size` is not a multiple of it (one line
+      naming both numbers).
+  """
+  if per_replica_batch_size is None:
+    return 1
+  if batch_size % per_replica_batch_size:
+    raise InvalidInputError(
+        f"{what or f'train_batch_size={batch_size}'} is not a multiple of "
+        f"Experiment.per_replica_batch_size={per_replica_batch_size}")
+  return batch_size // per_replica_batch_size
 
 
 def model_input_settings(model):
@@ -263,11 +370,38 @@ def make_train_dataset_fn(file_pattern, global_batch_size, model,
   return dataset_fn
 
 
+MOMENTUM_FORMS = ("keras", "tf1")
+
+
 @gin.configurable
-def build_momentum_optimizer(learning_rate=gin.REQUIRED, momentum=0.9, nesterov=False):
-  """SGD with momentum 0.9, not Nesterov (the TF1 reference)."""
-  return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum,
-                              nesterov=nesterov)
+def build_momentum_optimizer(learning_rate=gin.REQUIRED, momentum=0.9,
+                             nesterov=False, momentum_form="keras"):
+  """Momentum SGD, 0.9, not Nesterov (the TF1 reference's settings).
+
+  Args:
+    learning_rate: float or schedule (`StepDecayWithWarmup` in the configs).
+    momentum: float in [0, 1].
+    nesterov: bool.
+    momentum_form: `'keras'`: Keras `SGD` (`v = m*v - lr*g; w += v`);
+      `'tf1'`: `optimizers.TF1Momentum`, TF1's `MomentumOptimizer`
+      (`a = m*a + g; w -= lr*a`), the seed's. Equal at a constant learning
+      rate; after each change of it (warmup, decays) they differ.
+
+  Returns:
+    a `keras.optimizers.Optimizer` (not built).
+
+  Raises:
+    ValueError: an unknown `momentum_form`.
+  """
+  if momentum_form == "keras":
+    return keras.optimizers.SGD(learning_rate=learning_rate,
+                                momentum=momentum, nesterov=nesterov)
+  if momentum_form == "tf1":
+    return optimizers.TF1Momentum(learning_rate=learning_rate,
+                                  momentum=momentum, nesterov=nesterov)
+  raise ValueError(
+      f"build_momentum_optimizer.momentum_form={momentum_form!r} is not one "
+      f"of {', '.join(repr(f) for f in MOMENTUM_FORMS)}")
 
 
 def create(model_dir, **kwargs):
@@ -298,6 +432,12 @@ class Experiment:
     val_json_file: COCO annotation JSON for evaluation; None = ground truth
       from the evaluation records themselves.
     train_batch_size: global batch size.
+    per_replica_batch_size: batch-norm statistics and loss normalisers are
+      taken over groups of this many images, in both engines (the seed: 8,
+      one TPU core's batch). The TensorFlow loop splits each replica's batch
+      (a multiple of it) into such groups, the JAX engine the global batch
+      (`ShapeMaskModel.set_batch_groups`). None = each engine's own unit:
+      the replica's batch (TensorFlow loop), the global batch (JAX).
     eval_batch_size: evaluation batch size.
     total_steps: steps to train to (a resumed run continues to this step).
     steps_per_loop: steps per host call and per progress line.
@@ -338,6 +478,7 @@ class Experiment:
                eval_file_pattern=None,
                val_json_file=None,
                train_batch_size=64,
+               per_replica_batch_size=None,
                eval_batch_size=8,
                total_steps=45000,
                steps_per_loop=100,
@@ -364,6 +505,7 @@ class Experiment:
     # Sizes and step counts: checked once, here, where gin hands them over.
     self.train_batch_size = positive_setting(train_batch_size,
                                              "train_batch_size")
+    self.per_replica_batch_size = per_replica_batch_size
     self.eval_batch_size = positive_setting(eval_batch_size, "eval_batch_size")
     self.total_steps = positive_setting(total_steps, "total_steps")
     self.steps_per_loop = positive_setting(steps_per_loop, "steps_per_loop")
@@ -403,9 +545,19 @@ class Experiment:
                     self.init_checkpoint if mode != "eval" else None,
                     self.init_checkpoint_prefix, self.init_checkpoint_modules,
                     print_fn=self.print_fn)
+    if mode != "eval":
+      check_per_replica_batch_size(self.per_replica_batch_size,
+                                   self.train_batch_size)
+      replicas = strategies.known_num_replicas(self.strategy_name)
+      if replicas:  # one_device, mirrored: checked before anything starts.
+        self._replica_batch_groups(replicas)
     self.timer = train_loop.Timer()  # The seed's clock starts...
     self.strategy = strategies.build_strategy(self.strategy_name, tpu=self.tpu)
     self.chief = strategies.is_chief(self.strategy)
+    groups = 1
+    if mode != "eval":
+      groups = self._replica_batch_groups(
+          self.strategy.num_replicas_in_sync)
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if self.use_bfloat16 else "float32")
     with self.strategy.scope():
@@ -413,6 +565,7 @@ class Experiment:
       with strategies.replica_consistent_state():
         self.model = factory.build_shapemask_model(
             **self.model_overrides(say=mode != "eval"))
+      self.model.set_batch_groups(groups)
       self.optimizer = build_momentum_optimizer()
       self.optimizer.build(self.model.trainable_variables)
       self.checkpoint = tf.train.Checkpoint(model=self.model,
@@ -430,10 +583,30 @@ class Experiment:
         self.model_dir, enabled=self.chief, print_fn=self.print_fn)
     return self
 
+  def _replica_batch_groups(self, replicas):
+    """Groups per replica batch (`batch_groups`) with `replicas` replicas."""
+    if self.train_batch_size % replicas:
+      raise InvalidInputError(
+          f"train_batch_size={self.train_batch_size} is not a multiple of "
+          f"the {replicas} replicas")
+    per_replica = self.train_batch_size // replicas
+    return batch_groups(
+        per_replica, self.per_replica_batch_size,
+        f"the per-replica batch of {per_replica} images (train_batch_size="
+        f"{self.train_batch_size} over {replicas} replicas)")
+
   def model_overrides(self, say=True):
-    """`build_shapemask_model` overrides: with no init checkpoint nothing
-    stays frozen (both engines build their model with these)."""
+    """`build_shapemask_model` overrides (both engines build with these):
+    a remote prior file's local copy (`shape_prior_files`), and with no
+    init checkpoint nothing stays frozen."""
     print_fn = self.print_fn if say else (lambda *a, **k: None)
+    try:
+      priors = shape_prior_files.model_overrides()
+    except shape_prior_files.UnreadablePriorsError as e:
+      raise InvalidInputError(str(e)) from None
+    return dict(priors, **self._freezing_overrides(print_fn))
+
+  def _freezing_overrides(self, print_fn):
     if self.init_checkpoint:
       if _model_setting("freeze_early_convs"):
         print_fn("Backbone from RESNET_CHECKPOINT: the stem and conv2_x "
@@ -459,7 +632,7 @@ class Experiment:
       latest = checkpoints.restore_newest_readable(
           self.checkpoint, ckpt_dir, move_unreadable=True,
           print_fn=self.print_fn)
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
     if latest:
       self._resumed = True
@@ -661,7 +834,7 @@ class Experiment:
     """
     try:
       checkpoints.restore_checkpoint(self.checkpoint, checkpoint_path)
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
     if self.chief:
       operative_config.write_eval_config(self.model_dir)
@@ -683,7 +856,7 @@ class Experiment:
       path = checkpoints.restore_newest_readable(
           self.checkpoint, self.model_dir, move_unreadable=False,
           print_fn=self.print_fn)
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
     if path is None:
       raise InvalidInputError(f"no checkpoint in {self.model_dir}")

@@ -1,5 +1,11 @@
 """gin helpers: short config names and parsing.
 
+A short name (`shapemask_r101.gin`, `benchmarks/shapemask_r101_b256.gin`) is
+looked up in the working directory, then in `GIN_DIR`: the package's
+`configs/` folder where the package is installed (the wheel holds the
+checkout's `gin/` there), the checkout's `gin/` otherwise (a checkout, or an
+editable install of one).
+
 `parse_config` fails before anything starts, naming the culprit, on an
 unknown gin file, a syntax error (the file and line, or the binding), an
 unknown configurable or parameter (gin's own check, once every configurable
@@ -16,9 +22,17 @@ import os
 import gin
 from gin import config as gin_config
 
-REPO_GIN_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__)))), "gin")
+
+def _gin_dir():
+  """The package's gin files: `configs/` installed, else the checkout's gin/."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  installed = os.path.join(package, "configs")
+  if os.path.isdir(installed):
+    return installed
+  return os.path.join(os.path.dirname(package), "gin")
+
+
+GIN_DIR = _gin_dir()
 _MACRO = "gin.macro"
 
 
@@ -26,7 +40,7 @@ class ConfigError(ValueError):
   """A gin file or binding is unknown, misspelt or incomplete."""
 
 
-def find_gin_file(name, search_dirs=(REPO_GIN_DIR,)):
+def find_gin_file(name, search_dirs=(GIN_DIR,)):
   """Resolves `shapemask_r101.gin` (or a path) to an existing file."""
   candidates = [name]
   if not name.endswith(".gin"):
@@ -105,26 +119,6 @@ def check_macros():
                       "used by no configurable (misspelt?)")
 
 
-def setting_name(configurable, param):
-  """How the user sets `configurable.param`: `MACRO (Experiment.param)` when
-  the unscoped binding is a macro, else `Experiment.param`.
-
-  Args:
-    configurable: the configurable's name as gin files write it
-      (`Experiment`).
-    param: the parameter name.
-  """
-  name = f"{configurable}.{param}"
-  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
-    if scope or selector.rsplit(".", 1)[-1] != configurable:
-      continue
-    value = params.get(param)
-    if isinstance(value, gin_config.ConfigurableReference) and (
-        value.scoped_selector.endswith("/" + _MACRO)):
-      return f"{value.scoped_selector[:-len(_MACRO) - 1]} ({name})"
-  return name
-
-
 def _syntax_error_message(error):
   """One line naming the gin file (and line) or the binding that fails."""
   text = (error.text or "").strip()
@@ -137,7 +131,7 @@ def _syntax_error_message(error):
   return f"gin syntax error in {where}: {error.msg}{line}"
 
 
-def parse_config(gin_files=(), gin_bindings=(), search_dirs=(REPO_GIN_DIR,)):
+def parse_config(gin_files=(), gin_bindings=(), search_dirs=(GIN_DIR,)):
   """Parses gin files (short names allowed) and bindings.
 
   Raises:

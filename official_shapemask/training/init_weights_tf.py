@@ -38,10 +38,13 @@ def main(argv):
     return 2
   from official_shapemask.modeling import factory
   from official_shapemask.training import gin_utils
-  from official_shapemask.training import init_checkpoint
+  from official_shapemask.training import shape_prior_files
+  from official_shapemask.weights import init_checkpoint
   try:
     gin_utils.parse_config([config], [])
-    model = factory.build_shapemask_model()
+    # A remote prior file: the copy the engine made before it started us.
+    model = factory.build_shapemask_model(
+        **shape_prior_files.model_overrides())
     init_checkpoint.restore(model, checkpoint, modules, prefix=prefix or None,
                             print_fn=print)
   except (OSError, ValueError, ImportError, RuntimeError) as e:

@@ -19,7 +19,11 @@ What differs is the machinery:
 * Step: `jax_step.TrainStep`, one compiled step per batch, on the
   `compute_losses` of the model (the loss of the TensorFlow loop), the
   gin-configured optimizer and schedule, gradient clip, frozen variables and
-  precision policy. Progress lines, TensorBoard scalars and the final timing
+  precision policy. With `Experiment.per_replica_batch_size` set, the global
+  batch is normalised in `global / per_replica_batch_size` groups (batch
+  norm and loss normalisers, `ShapeMaskModel.set_batch_groups`), so any
+  number of devices computes what the TensorFlow loop computes on replicas
+  of that batch; unset, over the whole global batch. Progress lines, TensorBoard scalars and the final timing
   line are the TensorFlow loop's (`train_loop.ProgressLogger`).
 * Checkpoints: Orbax (`jax_checkpoints`), asynchronous, in
   `model_dir/checkpoints/<step>`; the end of training also writes
@@ -49,11 +53,11 @@ import tensorflow as tf
 
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import paths
 from official_shapemask.training import divergence
 from official_shapemask.training import eval_results
 from official_shapemask.training import experiment
-from official_shapemask.training import jax_checkpoints
+from official_shapemask.weights import jax_checkpoints
 from official_shapemask.training import jax_step
 from official_shapemask.training import operative_config
 from official_shapemask.training import train_loop
@@ -77,12 +81,13 @@ def hide_accelerators_from_tensorflow():
 
 
 def initialize_multi_host():
-  """Joins the other processes when `KERAS_DISTRIBUTION_*` is set.
+  """Joins the other processes when `KERAS_DISTRIBUTION_*` is set (once).
 
   Returns:
     the number of processes.
   """
-  if any(os.environ.get(name) for name in _DISTRIBUTION_ENV):
+  if (any(os.environ.get(name) for name in _DISTRIBUTION_ENV) and
+      not jax.distributed.is_initialized()):
     keras.distribution.initialize()
   return jax.process_count()
 
@@ -156,6 +161,15 @@ class JaxExperiment:
     self._evaluator = None
 
   # ------------------------------------------------------------------ setup
+  def join_processes(self):
+    """Joins the other processes of a multi-host run; this one's index.
+
+    A TPU pod's processes learn their index only here (no
+    `KERAS_DISTRIBUTION_PROCESS_ID` is set), so the run lock asks this.
+    """
+    self.num_processes = initialize_multi_host()
+    return jax.process_index()
+
   def start(self, mode):
     """Validates inputs, joins the processes, builds and restores."""
     s = self.settings
@@ -164,6 +178,12 @@ class JaxExperiment:
                                s.init_checkpoint if mode != "eval" else None,
                                s.init_checkpoint_prefix,
                                s.init_checkpoint_modules)
+    groups = 1
+    if mode != "eval":
+      experiment.check_per_replica_batch_size(s.per_replica_batch_size,
+                                              self.train_batch_size)
+      groups = experiment.batch_groups(self.train_batch_size,
+                                       s.per_replica_batch_size)
     self._mode = mode
     self.timer = train_loop.Timer()  # The seed's clock starts...
     self.num_processes = initialize_multi_host()
@@ -179,6 +199,8 @@ class JaxExperiment:
         "mixed_bfloat16" if self.use_bfloat16 else "float32")
     self.model = factory.build_shapemask_model(
         **s.model_overrides(say=mode != "eval"))
+    # Per-replica statistics and loss normalisers over the global batch.
+    self.model.set_batch_groups(groups)
     self.optimizer = experiment.build_momentum_optimizer()
     lr = self.optimizer.get_config()["learning_rate"]
     self._schedule = (keras.optimizers.schedules.deserialize(lr)
@@ -204,9 +226,12 @@ class JaxExperiment:
     return self
 
   def _restore_or_initialize(self):
-    latest = self.manager.latest_step()
-    if latest is not None:
-      state, step = self.manager.restore(latest)
+    # The newest readable step; damaged newer ones are named and, by the
+    # chief, moved into model_dir/unreadable (the others only skip them).
+    restored = self.manager.restore_newest_readable(
+        move_unreadable=self.chief, print_fn=self.print_fn)
+    if restored is not None:
+      state, step = restored
       self.train_step.assign(state)
       self._step = step
       self._resumed = True
@@ -363,7 +388,7 @@ class JaxExperiment:
     if step >= self.total_steps:
       self.train_step.assign(self.state)
       path = jax_checkpoints.write_keras_weights(
-          self.model, checkpoints.model_weights_path(self.model_dir, step))
+          self.model, paths.model_weights_path(self.model_dir, step))
       if path:
         self.print_fn(f"Wrote the weights for export: {path}")
     return losses
@@ -458,6 +483,10 @@ class JaxExperiment:
 
     Writes the operative config to `model_dir/eval_config.gin` (never
     `config.gin`, the training run's).
+
+    Raises:
+      experiment.InvalidInputError: naming the checkpoint, when it cannot
+        be read or does not match the model.
     """
     step = int(os.path.basename(os.path.normpath(checkpoint_path)))
     state, self._step = self.manager.restore(step)
@@ -467,16 +496,24 @@ class JaxExperiment:
     return self._step
 
   def restore_latest(self):
-    """Restores the newest checkpoint of `model_dir` (evaluation).
+    """Restores the newest readable checkpoint of `model_dir` (evaluation).
+
+    A damaged newer checkpoint is named and left where it is.
 
     Raises:
-      experiment.InvalidInputError: `model_dir` holds no checkpoint.
+      experiment.InvalidInputError: `model_dir` holds no checkpoint, none
+        can be read, or the newest readable one does not match the model
+        (named).
     """
-    latest = self.latest_checkpoint()
-    if latest is None:
+    restored = self.manager.restore_newest_readable(
+        move_unreadable=False, print_fn=self.print_fn)
+    if restored is None:
       raise experiment.InvalidInputError(f"no checkpoint in {self.model_dir}")
-    self.restore(latest)
-    return latest
+    state, self._step = restored
+    self.state = self.train_step.place(state)
+    if self.chief:
+      operative_config.write_eval_config(self.model_dir)
+    return self.manager.path(self._step)
 
   @property
   def trained_steps(self):

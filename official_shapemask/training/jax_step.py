@@ -1,7 +1,7 @@
 """The JAX engine's compiled train and predict steps (no TensorFlow).
 
 `TrainStep` is the one training step of `KERAS_BACKEND=jax python train.py`
-and of `tools/benchmark.py --backend=jax`: a `jax.jit` of the model's
+and of `tools/bench/benchmark.py --backend=jax`: a `jax.jit` of the model's
 training forward pass and `ShapeMaskModel.compute_losses` (the loss the
 TensorFlow loop and `fit` use) inside a `keras.StatelessScope`,
 `jax.value_and_grad`, an optional global-norm clip and the Keras
@@ -21,8 +21,11 @@ replicated on its device mesh and every batch is sharded along its first
 axis over the mesh (over all processes of a multi-host run). XLA's SPMD
 partitioner turns the global-batch computation into per-device work with
 all-reduced gradients, so N devices compute what one device computes on the
-same global batch; batch-norm statistics are taken over the global batch
-(all devices), not per device.
+same global batch. Batch-norm statistics and loss normalisers follow the
+model's `batch_groups` (`ShapeMaskModel.set_batch_groups`, set by the
+engine from `Experiment.per_replica_batch_size` before the step is traced):
+one group = the global batch, G groups = G replicas of the TensorFlow loop,
+whatever the number of devices.
 """
 
 import jax

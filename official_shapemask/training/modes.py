@@ -1,10 +1,9 @@
 """`train.py --mode=train|eval|train_and_eval`."""
 
-import time
-
 import keras
 
 from official_shapemask.training import experiment
+from official_shapemask.training import run_lock
 
 
 def _report_time(exp, print_fn):
@@ -81,17 +80,33 @@ def run(mode, model_dir, strategy_name="one_device", tpu=None, eval_timeout=0,
   The Keras backend picks the engine: TensorFlow (default) runs the
   tf.distribute loop, `KERAS_BACKEND=jax` the JAX engine; both take their
   settings from the same gin-configured `Experiment`.
+
+  The training modes hold `model_dir` for their whole run
+  (`run_lock.hold`: the directory is writable and no other training run
+  uses it, checked before anything is restored or written); `eval` only
+  reads, without the lock.
+
+  Raises:
+    run_lock.RunDirError: `model_dir` is a file, cannot be written, or
+      another training run holds it (named).
   """
+  run_lock.check_model_dir(model_dir)
+  if mode not in ("train", "train_and_eval", "eval"):
+    raise ValueError(f"unknown mode {mode!r}")
+  backend = keras.backend.backend()
   exp = experiment.create(model_dir, strategy_name=strategy_name, tpu=tpu,
                           print_fn=print_fn)
-  if keras.backend.backend() == "jax":
+  if backend == "jax":
     from official_shapemask.training import jax_engine  # pylint: disable=g-import-not-at-top
     exp = jax_engine.JaxExperiment(exp)
-  start = time.time()
-  if mode == "train":
-    return train(exp, print_fn)
-  if mode == "train_and_eval":
-    return train_and_eval(exp, print_fn)
   if mode == "eval":
     return evaluate(exp, eval_timeout, print_fn)
-  raise ValueError(f"unknown mode {mode!r} (after {time.time() - start:.0f} s)")
+  # A JAX process learns its index when it joins the others (a TPU pod
+  # sets no KERAS_DISTRIBUTION_PROCESS_ID).
+  chief = run_lock.chief_process(
+      strategy_name, backend,
+      process_index=exp.join_processes() if backend == "jax" else None)
+  with run_lock.hold(model_dir, chief=chief, print_fn=print_fn):
+    if mode == "train":
+      return train(exp, print_fn)
+    return train_and_eval(exp, print_fn)

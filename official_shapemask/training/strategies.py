@@ -21,6 +21,8 @@ import os
 import keras
 import tensorflow as tf
 
+from official_shapemask.training import run_lock
+
 STRATEGIES = ("tpu", "mirrored", "multi_worker", "one_device")
 
 
@@ -44,10 +46,7 @@ def build_strategy(name="one_device", tpu=None, device=None):
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   if name == "mirrored":
-    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
-    if not devices:  # Several logical CPUs only when configured so.
-      devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.MirroredStrategy(mirrored_devices())
   if name == "multi_worker":
     if "TF_CONFIG" not in os.environ:
       raise ValueError("--strategy=multi_worker needs the TF_CONFIG "
@@ -60,6 +59,27 @@ def build_strategy(name="one_device", tpu=None, device=None):
   if device is None:
     device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
   return tf.distribute.OneDeviceStrategy(device)
+
+
+def mirrored_devices():
+  """The devices of `mirrored`: the local GPUs, else the logical CPUs."""
+  devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+  if not devices:  # Several logical CPUs only when configured so.
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+  return devices
+
+
+def known_num_replicas(name):
+  """Replicas of strategy `name` if known without starting it, else None.
+
+  `one_device`: 1; `mirrored`: its local devices; `tpu` and `multi_worker`
+  learn theirs when they start (None).
+  """
+  if name == "one_device":
+    return 1
+  if name == "mirrored":
+    return len(mirrored_devices())
+  return None
 
 
 @contextlib.contextmanager
@@ -105,6 +125,6 @@ def is_chief(strategy):
   if resolver is None or not isinstance(
       strategy, tf.distribute.MultiWorkerMirroredStrategy):
     return True
-  task_type, task_id = resolver.task_type, resolver.task_id
-  return task_type in (None, "chief") or (task_type == "worker" and
-                                          task_id == 0)
+  # Worker 0 only when the cluster has no chief job (the run lock's rule).
+  return run_lock.is_chief_task(resolver.task_type, resolver.task_id,
+                                resolver.cluster_spec().as_dict())

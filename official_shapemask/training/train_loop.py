@@ -4,7 +4,9 @@ One `tf.function` runs `steps_per_loop` steps per call (the seed's
 `iterations_per_loop`): each step calls `strategy.run` on the replica step,
 which runs the model and the same `compute_losses` that `model.fit` uses,
 scales the loss once by `1 / num_replicas_in_sync` (the Keras 3 optimizer
-all-reduces gradients with SUM) and applies SGD. The loop stops at the first
+all-reduces gradients with SUM) and applies SGD. Each replica normalises
+its own batch (batch norm, loss normalisers), in `model.batch_groups`
+groups when `Experiment.per_replica_batch_size` splits it further. The loop stops at the first
 step whose mean total loss is NaN or infinite, or above the explosion limit
 of `divergence.LossGuard`, and reports that step.
 """

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from official_shapemask.data_prep import coco_tfrecord
+from official_shapemask.data_prep import shape_priors
 from official_shapemask.dataloaders import class_ids
-from official_shapemask.dataloaders import coco_tfrecord
 from official_shapemask.dataloaders import input_reader
-from official_shapemask.dataloaders import shape_priors
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
 from official_shapemask.training import experiment

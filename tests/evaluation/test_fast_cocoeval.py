@@ -18,7 +18,7 @@ from pycocotools import cocoeval
 from official_shapemask.evaluation import coco_utils
 from official_shapemask.evaluation import fast_cocoeval
 from official_shapemask.evaluation import COCOEvaluator
-from tools import benchmark_eval
+from tools.bench import benchmark_eval
 
 BATCH = 8
 

@@ -222,3 +222,47 @@ def test_shapemask_loss_config_round_trip_and_missing_keys():
   del labels["fine_mask_targets"]
   with pytest.raises(KeyError, match="fine_mask_targets"):
     loss_fn(labels, outputs)
+
+
+def _four_images():
+  """Two random batches of 2 as one batch of 4 (other positives per half)."""
+  first, second = _random_batch(seed=7), _random_batch(seed=8, anchors=50)
+  second[0]["cls_targets"][:, :20] = -1  # Fewer positives in the 2nd half.
+  second[0]["num_positives"] = (second[0]["cls_targets"] >= 0).sum(1).astype(
+      np.float32)
+  second[0]["box_targets"][second[0]["cls_targets"] < 0] = 0.0
+  join = lambda a, b: {k: np.concatenate([a[k], b[k]]) for k in a}  # pylint: disable=unnecessary-lambda-assignment
+  return join(first[0], second[0]), join(first[1], second[1])
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_loss_is_the_mean_of_each_groups_loss(groups):
+  labels, outputs = _four_images()
+  loss_fn = losses.ShapeMaskLoss()
+  got = {k: float(_np(v))
+         for k, v in loss_fn(labels, outputs, num_groups=groups).items()}
+  per = 4 // groups
+  parts = [loss_fn({k: v[g * per:(g + 1) * per] for k, v in labels.items()},
+                   {k: v[g * per:(g + 1) * per] for k, v in outputs.items()})
+           for g in range(groups)]
+  whole = {k: float(_np(v)) for k, v in loss_fn(labels, outputs).items()}
+  for key in got:
+    want = np.mean([float(_np(p[key])) for p in parts])
+    np.testing.assert_allclose(got[key], want, rtol=1e-5, err_msg=key)
+  # The class loss from numpy, each group by its own positives + 1.
+  want = np.mean([
+      _np_focal(outputs["cls_outputs"][g * per:(g + 1) * per],
+                labels["cls_targets"][g * per:(g + 1) * per], 0.4, 1.5,
+                labels["num_positives"][g * per:(g + 1) * per].sum() + 1.0)
+      for g in range(groups)])
+  np.testing.assert_allclose(got["cls_loss"], want, rtol=1e-5)
+  # Not the whole batch's normalisation (the groups' counts differ).
+  for key in ("cls_loss", "box_loss", "coarse_loss", "model_loss"):
+    assert abs(got[key] - whole[key]) > 1e-3 * abs(whole[key]), key
+
+
+def test_grouped_loss_needs_a_batch_multiple():
+  labels, outputs = _four_images()
+  with pytest.raises(ValueError, match="batch of 4 images is not a multiple "
+                     "of num_groups=3"):
+    losses.ShapeMaskLoss()(labels, outputs, num_groups=3)

@@ -130,9 +130,12 @@ print("JAX_OK")
 
 
 def test_jax_backend_matches_keras(run_under_jax):
-  result = run_under_jax(_JAX_SCRIPT, timeout=300)
+  # One JAX process for both checks: Keras' layer, and the ghost batches
+  # against JAX's autodiff (`_JAX_GHOST_SCRIPT`, below).
+  result = run_under_jax(_JAX_SCRIPT + _JAX_GHOST_SCRIPT, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "JAX_OK" in result.stdout
+  assert "JAX_GHOST_OK" in result.stdout
 
 
 class _Holder(keras.Model):
@@ -166,3 +169,153 @@ def test_weight_files_interchangeable_with_keras_layer(tmp_path):
   for a, b in zip(keras_holder.weights, ours.weights):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(keras_holder(x)))
+
+
+# ------------------------------------------------------------ ghost batches
+def _ghost_data(groups, seed=6):
+  """4 images whose groups differ in mean and spread (other statistics)."""
+  x, upstream = _data(seed)
+  scale = np.repeat(np.linspace(1.0, 3.0, groups), 4 // groups)
+  x = (x - 20.0) * scale[:, None, None, None] + 20.0 + scale[:, None, None,
+                                                            None]
+  return x.astype(np.float32), upstream
+
+
+def _replica_emulation(x, upstream, groups):
+  """G Keras batch norms, one per slice (what G replicas compute): y, dx,
+  dgamma and dbeta summed (SUM all-reduce), moving statistics averaged
+  (MEAN-aggregated variables, `strategies.replica_consistent_state`)."""
+  per = x.shape[0] // groups
+  results = []
+  for g in range(groups):
+    layer, _ = _pair()
+    rows = slice(g * per, (g + 1) * per)
+    results.append(_train_step(layer, x[rows], upstream[rows]))
+  y = np.concatenate([r[0] for r in results])
+  dx = np.concatenate([r[1] for r in results])
+  summed = [np.sum([r[i] for r in results], axis=0) for i in (2, 3)]
+  averaged = [np.mean([r[i] for r in results], axis=0) for i in (4, 5)]
+  return [y, dx] + summed + averaged
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_ghost_batches_equal_one_keras_norm_per_group(groups):
+  x, upstream = _ghost_data(groups)
+  ours = BatchNorm(momentum=0.9, epsilon=1e-4, num_groups=groups)
+  ours.build(x.shape)
+  _, template = _pair()
+  for mine, theirs in zip(ours.weights, template.weights):
+    mine.assign(theirs)
+  got = _train_step(ours, x, upstream)
+  want = _replica_emulation(x, upstream, groups)
+  names = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
+  for name, a, b in zip(names, got, want):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=name)
+  # Not the whole-batch result: the groups have other statistics.
+  _, whole = _pair()
+  plain = _train_step(whole, x, upstream)
+  assert np.max(np.abs(got[0] - plain[0])) > 0.1
+  assert np.max(np.abs(got[5] - plain[5])) > 0.01
+
+
+def test_ghost_batches_under_xla_match_eager():
+  x, upstream = _ghost_data(2)
+
+  def fresh():
+    layer = BatchNorm(momentum=0.9, epsilon=1e-4, num_groups=2)
+    layer.build(x.shape)
+    return layer
+
+  compiled_layer = fresh()
+
+  @tf.function(jit_compile=True)
+  def step(xt):
+    with tf.GradientTape() as tape:
+      tape.watch(xt)
+      loss = tf.reduce_sum(compiled_layer(xt, training=True) * upstream)
+    return tape.gradient(loss, [xt, compiled_layer.gamma.value])
+
+  compiled = [np.asarray(g) for g in step(tf.constant(x))]
+  eager = _train_step(fresh(), x, upstream)
+  np.testing.assert_allclose(compiled[0], eager[1], rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(compiled[1], eager[2], rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(np.asarray(compiled_layer.moving_variance),
+                             eager[5], rtol=1e-5)
+
+
+def test_ghost_batch_setting_config_errors_and_inference():
+  x, _ = _data(7)
+  layer = BatchNorm(num_groups=2, momentum=0.9)
+  layer.build(x.shape)
+  config = layer.get_config()
+  assert config["num_groups"] == 2
+  assert BatchNorm.from_config(config).num_groups == 2
+  assert BatchNorm().get_config()["num_groups"] == 1
+  # Inference uses the moving statistics: the groups do not matter.
+  plain = BatchNorm(momentum=0.9)
+  plain.build(x.shape)
+  plain.moving_mean.assign(np.full(7, 19.0))
+  layer.moving_mean.assign(np.full(7, 19.0))
+  np.testing.assert_array_equal(np.asarray(layer(x, training=False)),
+                                np.asarray(plain(x, training=False)))
+  for bad in (0, -1, 1.5, True, "2"):
+    with pytest.raises(ValueError, match="num_groups must be an integer"):
+      BatchNorm(num_groups=bad)
+  three = BatchNorm(num_groups=3)
+  three.build(x.shape)
+  with pytest.raises(ValueError, match="batch of 4 rows is not a multiple "
+                     "of num_groups=3"):
+    three(x, training=True)
+  sync = BatchNorm(num_groups=2, synchronized=True)
+  sync.build(x.shape)
+  with pytest.raises(ValueError, match="num_groups=2"):
+    sync(x, training=True)
+
+
+# Run after `_JAX_SCRIPT`, in the same process (test_jax_backend_matches_keras).
+_JAX_GHOST_SCRIPT = """
+from keras import ops
+
+rng = np.random.default_rng(1)
+x = (rng.normal(size=(4, 5, 6, 7)) * 0.5 + 20).astype("float32")
+x[2:] = x[2:] * 3.0 - 4.0
+w = rng.normal(size=x.shape).astype("float32")
+gamma = np.linspace(0.5, 2.0, 7).astype("float32")
+beta = np.linspace(-1.0, 1.0, 7).astype("float32")
+
+
+def reference(x, gamma, beta):
+  # Ghost batch norm written out, differentiated by JAX.
+  g = ops.reshape(x, (2, -1, 7))
+  mean = ops.mean(g, axis=1, keepdims=True)
+  var = ops.mean(ops.square(g - mean), axis=1, keepdims=True)
+  y = (g - mean) / ops.sqrt(var + 1e-4) * gamma + beta
+  return ops.reshape(y, x.shape), ops.mean(mean, axis=(0, 1)), ops.mean(
+      var, axis=(0, 1))
+
+
+def ours(x, gamma, beta):
+  return batch_norm.batch_norm_train(x, gamma, beta, 1e-4, num_groups=2)
+
+
+out = []
+for fn in (reference, ours):
+  def loss(x, gamma, beta, fn=fn):
+    y, mean, var = fn(x, gamma, beta)
+    return (y * w).sum(), (y, mean, var)
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  (_, aux), grads = grad(x, gamma, beta)
+  out.append([np.asarray(a) for a in aux] + [np.asarray(g) for g in grads])
+for name, a, b in zip(["y", "mean", "var", "dx", "dgamma", "dbeta"], *out):
+  np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=name)
+# The layer's moving statistics under stateless_call (the JAX engine's way).
+bn = batch_norm.BatchNormalization(momentum=0.9, epsilon=1e-4, num_groups=2)
+bn.build(x.shape)
+_, new = bn.stateless_call([gamma * 0 + 1, beta * 0],
+                           [v.value for v in bn.non_trainable_variables], x,
+                           training=True)
+np.testing.assert_allclose(np.asarray(new[0]), 0.1 * out[0][1], rtol=1e-5)
+np.testing.assert_allclose(np.asarray(new[1]), 0.9 + 0.1 * out[0][2],
+                           rtol=1e-5)
+print("JAX_GHOST_OK")
+"""

@@ -1,19 +1,15 @@
 """The detector half (ResNet + FPN + RetinaNet head + detection generator)
 traces under XLA (``jit_compile=True``) and runs under KERAS_BACKEND=jax with
 the same numbers as the TensorFlow backend."""
-import pathlib
-import sys
 import textwrap
 
 import keras
 import numpy as np
 import pytest
 
-SIZE, NUM_CLASSES = 128, 7
+from tests.modeling.tiny_detector import build_detector
 
-MODELING_TESTS = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(MODELING_TESTS))
-from tiny_detector import build_detector  # pylint: disable=g-import-not-at-top
+SIZE, NUM_CLASSES = 128, 7
 
 
 def _inputs():

@@ -61,9 +61,9 @@ def _write_subset(annotation_file, image_ids, path):
 
 def test_small_model_overfits_six_real_images(coco_tiny_root, tmp_path):
   tf = pytest.importorskip("tensorflow")
-  from official_shapemask.dataloaders import coco_tfrecord
+  from official_shapemask.data_prep import coco_tfrecord
   from official_shapemask.dataloaders import input_reader
-  from official_shapemask.dataloaders import shape_priors
+  from official_shapemask.data_prep import shape_priors
   from official_shapemask.dataloaders import shapemask_parser
   from official_shapemask.evaluation import COCOEvaluator
   from official_shapemask.modeling import build_shapemask_model

@@ -119,7 +119,7 @@ NON_DEFAULT = dict(
     focal_loss_gamma=2.0, huber_loss_delta=0.1, box_loss_weight=20.0,
     prior_loss_weight=0.3, coarse_loss_weight=0.5, fine_loss_weight=2.0,
     nms_iou_threshold=0.6, max_num_detections=20, norm_epsilon=1e-3,
-    anchor_size=3.0, num_mask_slots=4)
+    anchor_size=3.0, num_mask_slots=4, l2_variables="seed_2019")
 
 
 def _json(config):
@@ -133,6 +133,7 @@ def _check_round_trip(original, revived, images, labels):
   # Settings of the model, its layers and its loss survived.
   assert revived.outer_box_scale == 1.5
   assert revived.l2_weight_decay == 3e-5
+  assert revived.l2_variables == "seed_2019"
   assert revived.image_size == SIZE
   assert revived.prior_head.num_clusters == 3
   assert revived.fine_head.upsample_factor == 2
@@ -190,6 +191,49 @@ def test_config_round_trip_with_non_default_values(tmp_path):
   np.testing.assert_array_equal(_np(loaded.prior_head.shape_priors),
                                 _np(model.prior_head.shape_priors))
   _assert_same_outputs(loaded, model, images, labels)
+
+
+def test_l2_variables_rules():
+  """'all' decays every trainable variable; 'seed_2019' the seed's subset.
+
+  The seed's rule in the reference's names: no variable whose name holds
+  `batch_normalization` (the backbone's batch norms) or `bias`; frozen
+  kernels never count.
+  """
+  from official_shapemask.weights import tf1_names  # pylint: disable=g-import-not-at-top
+  config = dict(TINY, freeze_early_convs=True)
+  every = build_shapemask_model(**config)
+  assert every.l2_variables == "all"
+  assert every.l2_regularized_variables() == every.trainable_variables
+  seed = build_shapemask_model(**dict(config, l2_variables="seed_2019"))
+  chosen = {id(v) for v in seed.l2_regularized_variables()}
+  trainable = {id(v) for v in seed.trainable_variables}
+  entries = tf1_names.tf1_variables(seed)
+  assert trainable <= {id(e.variable) for e in entries}
+  by_rule = {id(e.variable) for e in entries if id(e.variable) in trainable
+             and "batch_normalization" not in e.name and "bias" not in e.name}
+  assert chosen == by_rule
+  # What the rule keeps and drops, by layer.
+  assert id(seed.decoder.norms["3"].gamma) in chosen
+  assert id(seed.head.class_norms["0-3"].beta) in chosen
+  assert id(seed.coarse_head.norms[0].gamma) in chosen
+  assert id(seed.backbone.groups[1][0].convs[0].bn.gamma) not in chosen
+  assert id(seed.head.class_predict.bias) not in chosen
+  assert id(seed.fine_head.upsample.bias) not in chosen
+  assert id(seed.backbone.stem.conv.kernel) not in trainable  # Frozen.
+  assert id(seed.backbone.groups[1][0].convs[0].conv.kernel) in chosen
+  # The loss term sums over them.
+  seed.set_weights(every.get_weights())
+  images, labels = synthetic_training_batch()
+  for model, variables in ((every, every.trainable_variables),
+                           (seed, seed.l2_regularized_variables())):
+    outputs = model(model.pack_inputs(images, labels), training=False)
+    got = _np(model.compute_losses(labels, outputs)["l2_loss"])
+    want = 1e-4 * sum(0.5 * np.sum(np.square(_np(v)).astype(np.float64))
+                      for v in variables)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="l2_variables='seed'"):
+    build_shapemask_model(**dict(TINY, l2_variables="seed"))
 
 
 # ------------------------------------------------------------- fit, predict
@@ -493,6 +537,17 @@ _JAX_TRAIN_SCRIPT = _BLOCK_TENSORFLOW + textwrap.dedent("""
     assert moved == len(before), (moved, len(before))
     out = model.predict_on_batch(images)
     _check_predictions(out, images)
+    # The seed's L2 rule reads the values a stateless step maps in.
+    from official_shapemask import losses as losses_lib
+    seed = build_shapemask_model(**dict(config, l2_variables="seed_2019"))
+    chosen = seed.l2_regularized_variables()
+    assert 0 < len(chosen) < len(seed.trainable_variables)
+    plain = float(losses_lib.l2_regularization_loss(chosen))
+    doubled = [(v, v.value * 2.0) for v in seed.trainable_variables]
+    with keras.StatelessScope(state_mapping=doubled):
+      mapped = float(losses_lib.l2_regularization_loss(
+          seed.l2_regularized_variables()))
+    np.testing.assert_allclose(mapped, 4.0 * plain, rtol=1e-5)
     assert not [m for m in sys.modules if m.startswith("tensorflow")]
     print("JAX_TRAIN_OK", history.history["loss"][0])
 """)

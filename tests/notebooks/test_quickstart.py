@@ -14,6 +14,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("QUICKSTART_STEPS", "4")
   monkeypatch.setenv("QUICKSTART_IMAGES", "24")
   monkeypatch.setenv("QUICKSTART_DIR", str(tmp_path / "quickstart"))
+  # The kernel imports the checkout's package, not an installed one.
+  monkeypatch.setenv("PYTHONPATH", str(REPO))
   nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
   client = NotebookClient(nb, timeout=900, kernel_name="python3",
                           resources={"metadata": {"path": str(REPO)}})

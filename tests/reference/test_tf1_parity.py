@@ -18,6 +18,7 @@ outputs 2.5e-6, priors 3e-7, coarse and fine logits 3e-6), losses 1e-5
 1e-3 px, scores within 1e-5.
 """
 import json
+import re
 
 import numpy as np
 import pytest
@@ -26,8 +27,8 @@ from keras import ops
 from official_shapemask import losses as losses_lib
 from official_shapemask.modeling import factory
 from official_shapemask.modeling.layers import detection_generator
-from official_shapemask.training import checkpoints
-from official_shapemask.training import tf1_names
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import tf1_names
 
 LEVELS = range(3, 8)
 OUTPUT_TOLERANCE = 2e-5
@@ -210,3 +211,35 @@ def test_detections_equal_the_reference(reference):
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ours["detection_boxes"][b, :n],
                                data["ref_detection_boxes"][b, :n], atol=1e-3)
+
+
+@pytest.mark.parametrize("rule", ["all", "seed_2019"])
+def test_l2_variables_are_the_references_selection(reference, full_model,
+                                                   rule):
+  """Our decayed variables, in TF1 names, are the reference's.
+
+  The reference decays the variables that train (its trainable variables
+  less `frozen_variable_prefix`) that `regularization_variable_regex`
+  keeps: None since December 2019 ('all'); in the seed's code, the names
+  with neither `batch_normalization` nor `bias` ('seed_2019'). Ours
+  (`build_shapemask_model(l2_variables=...)`) chooses by layer.
+  """
+  info = json.loads((reference["dir"] / "training.json").read_text())
+  frozen = info["frozen_variable_prefix"]
+  trains = [n for n in info["trainable"] if not re.match(frozen, n + ":0")]
+  assert len(trains) < len(info["trainable"])  # The stem and conv2_x.
+  if rule == "seed_2019":
+    want = {n for n in trains
+            if "batch_normalization" not in n and "bias" not in n}
+    assert any(n.startswith("fpn/p3-bn/") for n in want)  # Decayed then.
+  else:
+    want = set(trains)
+  model = full_model
+  names = {id(e.variable): e.name for e in tf1_names.tf1_variables(model)}
+  model.l2_variables = rule
+  try:
+    ours = [names[id(v)] for v in model.l2_regularized_variables()]
+  finally:
+    model.l2_variables = "all"
+  assert len(ours) == len(set(ours))
+  assert set(ours) == want

@@ -36,6 +36,9 @@ What it writes to `--output_dir`:
 - `saved_model/`: a TF1 SavedModel (`saved_model.pb`, `variables/`) of the
   graph with the model's variables;
 - `variables.json`: name -> shape of every variable of the graph;
+- `training.json`: the model's trainable variables (`trainable`, graph
+  names) and the reference's `train.frozen_variable_prefix` for ShapeMask
+  (which of them a training run keeps frozen);
 - `done`: written last.
 """
 
@@ -169,6 +172,7 @@ def main():
                                                tf.constant(classes), False)
     _log("model graph built")
     model_vars = list(tf.global_variables())
+    trainable_names = [v.op.name for v in tf.trainable_variables()]
     # What a TF1 training run adds to its checkpoints.
     global_step = tf.train.get_or_create_global_step()
     backbone_vars = [v for v in model_vars
@@ -316,6 +320,10 @@ def main():
   np.savez(os.path.join(out, "detections.npz"), **det)
   with open(os.path.join(out, "variables.json"), "w") as f:
     json.dump({v.op.name: v.shape.as_list() for v in model_vars}, f, indent=0)
+  with open(os.path.join(out, "training.json"), "w") as f:
+    json.dump({"trainable": trainable_names,
+               "frozen_variable_prefix": params.train.frozen_variable_prefix},
+              f, indent=0)
   _log("checkpoints and outputs written")
   with open(os.path.join(out, "done"), "w") as f:
     f.write(f"image_size={size} seed={args.seed}\n")

@@ -26,7 +26,7 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
 from official_shapemask.serving import export
 from official_shapemask.serving import predictor as predictor_lib
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import paths
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
 
@@ -78,7 +78,9 @@ def save_checkpoint(model, model_dir):
 
 
 def run_tool(script, *args, timeout=600):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  # tools/ runs the checkout's package (PYTHONPATH), not an installed one.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+             PYTHONPATH=str(REPO_ROOT))
   return subprocess.run(
       [sys.executable, str(REPO_ROOT / "tools" / script), *args],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
@@ -267,14 +269,15 @@ def test_restore_from_a_whole_model_weights_file(planted, keras_outputs,
   model_dir.mkdir()
   for step in (10, 200, 30):  # The newest step wins, not the newest name.
     planted["model"].save_weights(str(
-        checkpoints.model_weights_path(str(model_dir), step)))
+        paths.model_weights_path(str(model_dir), step)))
   (model_dir / "shapemask-x.weights.h5").write_text("not a step")
-  newest = checkpoints.model_weights_path(str(model_dir), 200)
-  assert checkpoints.latest_model_weights(str(model_dir)) == newest
+  newest = paths.model_weights_path(str(model_dir), 200)
+  assert paths.latest_model_weights(str(model_dir)) == newest
   # tools/predict.py and tools/export_saved_model.py restore this way.
+  gin_utils.parse_config(GIN_FILES, GIN_BINDINGS)
   try:
     predictor = predictor_lib.Predictor.from_checkpoint(
-        GIN_FILES, GIN_BINDINGS, str(model_dir))
+        factory.build_shapemask_model(), str(model_dir))
   finally:
     gin.clear_config()
   assert predictor.source == f"checkpoint {newest}"
@@ -312,11 +315,151 @@ def test_restore_names_a_damaged_checkpoint(planted, tmp_path, how):
   assert "\n" not in message
 
 
+def test_damaged_jax_weights_file_is_named(planted, tmp_path):
+  """The weights a JAX run leaves for export, truncated: one line."""
+  weights = checkpoints.model_weights_path(str(tmp_path), 20)
+  planted["model"].save_weights(weights)
+  data = pathlib.Path(weights).read_bytes()
+  pathlib.Path(weights).write_bytes(data[:len(data) // 2])
+  gin_utils.parse_config(GIN_FILES, GIN_BINDINGS)
+  try:
+    fresh = factory.build_shapemask_model()
+  finally:
+    gin.clear_config()
+  for checkpoint in (str(tmp_path), weights):
+    with pytest.raises(ValueError) as err:
+      export.restore_model(fresh, checkpoint)
+    message = str(err.value)
+    assert message.startswith(f"weights file {weights} cannot be read ("), (
+        message)
+    assert "\n" not in message
+
+
+def test_jax_orbax_checkpoints_are_named_not_read(planted, tmp_path):
+  """A JAX run's model_dir before its weights file exists, or an Orbax
+  step given directly: one line saying what export reads instead."""
+  step = tmp_path / "run" / "checkpoints" / "15"
+  (step / "state").mkdir(parents=True)
+  for path in (tmp_path / "run", step):
+    with pytest.raises(FileNotFoundError) as err:
+      export.restore_model(planted["model"], str(path))
+    assert str(err.value) == (
+        f"{path} holds JAX-engine (Orbax) checkpoints, which export and "
+        "predict do not read; they read the shapemask-<step>.weights.h5 "
+        "that a JAX run writes into its model_dir when it reaches its total "
+        "steps (--checkpoint=<model_dir> finds the newest)")
+
+
 def test_export_refuses_non_empty_dir(planted, tmp_path):
   (tmp_path / "keep.txt").write_text("not a SavedModel")
   with pytest.raises(FileExistsError, match="overwrite"):
     export.export_saved_model(planted["model"], str(tmp_path))
   assert os.listdir(tmp_path) == ["keep.txt"]
+
+
+def _tree(path):
+  """{relative path: bytes} of every file under `path`."""
+  path = pathlib.Path(path)
+  return {str(p.relative_to(path)): p.read_bytes()
+          for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _training_run(planted, tmp_path):
+  """A copy of the planted run with what train.py also writes there."""
+  run_dir = tmp_path / "run"
+  shutil.copytree(planted["model_dir"], run_dir)
+  (run_dir / "config.gin").write_text("TOTAL_STEPS = 1\n")
+  (run_dir / "train").mkdir()
+  (run_dir / "train" / "events.out.tfevents.1.host").write_bytes(b"logs")
+  return run_dir
+
+
+def test_overwrite_refuses_a_training_run_directory(planted, tmp_path):
+  run_dir = _training_run(planted, tmp_path)
+  before = _tree(run_dir)
+  result = run_tool("export_saved_model.py",
+                    *export_args(run_dir, run_dir, "--overwrite"))
+  assert result.returncode == 1, result.stdout + result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0] == (
+      f"error: export_dir {run_dir} is not a SavedModel: it holds a "
+      "training run's files (checkpoint, ckpt-1.data-00000-of-00001, "
+      "ckpt-1.index, config.gin and 1 more). --overwrite replaces only an "
+      "earlier SavedModel; export to a new or empty directory, e.g. "
+      f"--export_dir={run_dir / 'saved_model'}")
+  assert "Restored" not in result.stdout  # Refused before reading anything.
+  assert _tree(run_dir) == before
+  assert sorted(os.listdir(tmp_path)) == ["run"]
+  # Without --overwrite the message does not suggest it either.
+  result = run_tool("export_saved_model.py", *export_args(run_dir, run_dir))
+  assert result.returncode == 1
+  assert "is not a SavedModel" in result.stderr
+  assert "pass overwrite" not in result.stderr
+  assert _tree(run_dir) == before
+
+
+def test_export_dir_that_is_a_file_is_one_line(planted, tmp_path):
+  target = tmp_path / "model.txt"
+  target.write_text("keep")
+  with pytest.raises(FileExistsError,
+                     match=f"^export_dir {target} is a file; give a "
+                     "directory path for the SavedModel$"):
+    export.export_saved_model(planted["model"], str(target), overwrite=True)
+  assert target.read_text() == "keep"
+
+
+def _fake_save(monkeypatch, fail=False):
+  """tf.saved_model.save writing a stand-in SavedModel (or failing midway)."""
+
+  def save(module, path, signatures=None):
+    del module, signatures
+    os.makedirs(os.path.join(path, "variables"))
+    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+      f.write(b"new")
+    if fail:
+      raise RuntimeError("disk full")
+
+  monkeypatch.setattr(tf.saved_model, "save", save)
+
+
+def test_overwrite_replaces_an_earlier_saved_model(planted, exported,
+                                                   tmp_path, monkeypatch):
+  export_dir = tmp_path / "saved_model"
+  shutil.copytree(exported["dir"], export_dir)
+  with pytest.raises(FileExistsError,
+                     match="already holds a SavedModel; pass overwrite"):
+    export.export_saved_model(planted["model"], str(export_dir))
+  _fake_save(monkeypatch)
+  result = export.export_saved_model(planted["model"], str(export_dir),
+                                     overwrite=True)
+  assert result["left_over"] is None
+  assert (export_dir / "saved_model.pb").read_bytes() == b"new"
+  assert sorted(os.listdir(tmp_path)) == ["saved_model"]
+
+
+@pytest.mark.parametrize("where", ["save", "swap"])
+def test_failed_export_leaves_the_earlier_one_whole(planted, exported,
+                                                    tmp_path, monkeypatch,
+                                                    where):
+  export_dir = tmp_path / "saved_model"
+  shutil.copytree(exported["dir"], export_dir)
+  before = _tree(export_dir)
+  _fake_save(monkeypatch, fail=where == "save")
+  if where == "swap":  # The new export's rename into place fails.
+    rename = tf.io.gfile.rename
+
+    def failing_rename(src, dst, overwrite=False):
+      if ".tmp-" in src:
+        raise tf.errors.UnavailableError(None, None, "connection reset")
+      return rename(src, dst, overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "rename", failing_rename)
+  with pytest.raises((RuntimeError, tf.errors.UnavailableError)):
+    export.export_saved_model(planted["model"], str(export_dir),
+                              overwrite=True)
+  assert _tree(export_dir) == before
+  assert sorted(os.listdir(tmp_path)) == ["saved_model"]  # No temporaries.
 
 
 def test_checkpoint_round_trip_through_the_cli(planted, keras_outputs,
@@ -328,9 +471,10 @@ def test_checkpoint_round_trip_through_the_cli(planted, keras_outputs,
     gin.clear_config()
   export.restore_model(fresh, planted["model_dir"])
   # tools/predict.py --gin_file --checkpoint builds the same way.
+  gin_utils.parse_config(GIN_FILES, GIN_BINDINGS)
   try:
     from_checkpoint = predictor_lib.Predictor.from_checkpoint(
-        GIN_FILES, GIN_BINDINGS, planted["model_dir"])
+        factory.build_shapemask_model(), planted["model_dir"])
   finally:
     gin.clear_config()
   assert_outputs_close(from_checkpoint.predict_bytes([parsed_val_image[

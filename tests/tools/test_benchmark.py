@@ -1,4 +1,4 @@
-"""tools/benchmark.py (the tools/bench package) and tools/gpu_benchmark.sh.
+"""tools/bench: benchmark.py (and its workers) and gpu_benchmark.sh.
 
 Fast: the synthetic JAX batch follows the training-batch contract, gin
 settings reach the model kwargs, failed and timed-out measurements are
@@ -148,7 +148,7 @@ def test_torch_peer_runs_first_then_ours_in_parallel():
 def test_gpu_script_cpu_path(tmp_path):
   """The GPU script end to end on CPU: JAX backend, micro model."""
   out = tmp_path / "out"
-  proc, lines = _run(["bash", "tools/gpu_benchmark.sh", "--cpu_smoke"],
+  proc, lines = _run(["bash", "tools/bench/gpu_benchmark.sh", "--cpu_smoke"],
                      timeout=1500, env={"PYTHON": sys.executable,
                                        "OUT": str(out)})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -185,8 +185,8 @@ def test_gpu_script_cpu_path(tmp_path):
 def test_side_by_side_with_the_model_garden_port(tmp_path):
   pytest.importorskip("official.legacy.detection.modeling.factory")
   proc, lines = _run(
-      [sys.executable, "tools/benchmark.py", "--config=tiny", "--peer",
-       "--steps=2", "--warmup=1", "--infer_steps=2", "--timeout=900",
+      [sys.executable, "-m", "tools.bench.benchmark", "--config=tiny",
+       "--peer", "--steps=2", "--warmup=1", "--infer_steps=2", "--timeout=900",
        f"--workdir={tmp_path}"], timeout=2400)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   measured = [l for l in lines if "measure" in l]
@@ -214,8 +214,8 @@ def test_side_by_side_with_the_model_garden_port(tmp_path):
 @pytest.mark.slow
 def test_two_workers_on_loopback(tmp_path):
   proc, lines = _run(
-      [sys.executable, "tools/benchmark.py", "--config=tiny", "--workers=2",
-       "--steps=3", "--warmup=1", "--timeout=900", f"--workdir={tmp_path}"],
+      [sys.executable, "-m", "tools.bench.benchmark", "--config=tiny",
+       "--workers=2", "--steps=3", "--warmup=1", "--timeout=900", f"--workdir={tmp_path}"],
       timeout=2400)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   workers = [l for l in lines if l.get("strategy") == "multi_worker"]

@@ -1,4 +1,4 @@
-"""tools/benchmark_eval.py at a tiny size: stages, checks and the JSON line."""
+"""tools/bench/benchmark_eval.py at a tiny size: stages, checks, JSON line."""
 import json
 import pathlib
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from official_shapemask.evaluation import class_splits
-from tools import benchmark_eval
+from tools.bench import benchmark_eval
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_synthetic_data_is_coco_like_and_seeded():
 
 def test_cli_reports_stages_and_identical_baseline():
   proc = subprocess.run(
-      [sys.executable, "tools/benchmark_eval.py", "--num_images=6",
+      [sys.executable, "-m", "tools.bench.benchmark_eval", "--num_images=6",
        "--detections_per_image=20", "--mask_size=32", "--image_height=120",
        "--image_width=160", "--num_workers=2", "--baseline"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
@@ -56,7 +56,7 @@ def test_cli_reports_stages_and_identical_baseline():
   assert 0.0 < summary["mask_AP"] < 1.0 and 0.0 < summary["box_AP"] < 1.0
   assert "this code" in proc.stdout and "previous" in proc.stdout
   bad = subprocess.run(
-      [sys.executable, "tools/benchmark_eval.py", "--num_images=0"],
+      [sys.executable, "-m", "tools.bench.benchmark_eval", "--num_images=0"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
       check=False)
   assert bad.returncode == 2 and "--num_images must be >= 1" in bad.stderr

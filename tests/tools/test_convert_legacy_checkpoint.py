@@ -30,9 +30,10 @@ _SCRIPT = textwrap.dedent("""
     import tensorflow as tf
     from official.modeling.hyperparams import params_dict
     from official_shapemask.modeling import factory
-    from official_shapemask.serving import legacy_shapemask
-    from official_shapemask.serving import legacy_converter
-    from tools import convert_legacy_checkpoint
+    from official_shapemask.weights import checkpoints
+    from official_shapemask.weights import legacy_shapemask
+    from official_shapemask.weights import legacy_converter
+    from official_shapemask.cli import convert_legacy_checkpoint
 
     tmp = sys.argv[1]
     kwargs = json.loads(sys.argv[2])
@@ -79,7 +80,7 @@ _SCRIPT = textwrap.dedent("""
     same = all(np.array_equal(a.numpy(), b.numpy())
                for a, b in zip(model.weights, fresh.weights))
     try:
-      legacy_converter.save_model_weights(model, os.path.join(tmp, "tf", "c"))
+      checkpoints.save_model_weights(model, os.path.join(tmp, "tf", "c"))
       tf_checkpoint = "written"
     except ValueError as e:
       tf_checkpoint = str(e)
@@ -163,7 +164,7 @@ def test_tf_checkpoint_written_only_when_complete(parity):
 
 def test_params_round_trip_and_unsupported_settings():
   pytest.importorskip("official.legacy.detection.configs.factory")
-  from official_shapemask.serving import legacy_shapemask
+  from official_shapemask.weights import legacy_shapemask
   params = legacy_shapemask.legacy_params(TINY, batch_size=2)
   back = legacy_shapemask.model_kwargs_from_params(params)
   for key, value in TINY.items():

@@ -17,8 +17,8 @@ from keras import ops
 
 from official_shapemask.modeling import factory
 from official_shapemask.serving import export
-from official_shapemask.training import checkpoints
-from tools import convert_tf1_checkpoint
+from official_shapemask.weights import checkpoints
+from official_shapemask.cli import convert_tf1_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -74,7 +74,8 @@ def test_converts_a_tf1_checkpoint_into_ours(tf1_oracle, tmp_path):
 
 def test_cli_fails_in_one_line_naming_the_file(tmp_path):
   missing = tmp_path / "nothing" / "model.ckpt-1"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  # tools/ runs the checkout's package (PYTHONPATH), not an installed one.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO_ROOT))
   result = subprocess.run(
       [sys.executable, str(REPO_ROOT / "tools" / "convert_tf1_checkpoint.py"),
        f"--checkpoint={missing}", "--gin_file=tiny_cpu.gin",
@@ -86,3 +87,28 @@ def test_cli_fails_in_one_line_naming_the_file(tmp_path):
   assert f"error: checkpoint not found: {missing}" in result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_output_inside_a_training_run(tmp_path):
+  run_dir = tmp_path / "run"  # A training run's files, ckpt-5 among them.
+  run_dir.mkdir()
+  files = {"checkpoint": "model_checkpoint_path: \"ckpt-5\"\n",
+           "ckpt-5.index": "index", "ckpt-5.data-00000-of-00001": "data",
+           "config.gin": "TOTAL_STEPS = 5\n"}
+  for name, text in files.items():
+    (run_dir / name).write_text(text)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "tools" / "convert_tf1_checkpoint.py"),
+       f"--checkpoint={tmp_path / 'tf1' / 'model.ckpt-1'}",
+       "--gin_file=tiny_cpu.gin",
+       "--gin_bindings=TRAIN_FILE_PATTERN='unused'",
+       f"--output={run_dir / 'ckpt-5'}"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.stderr.strip() == (
+      f"error: --output={run_dir / 'ckpt-5'} would write into {run_dir}, a "
+      "training run's model directory (it holds checkpoint, config.gin), "
+      "and could replace its checkpoints; give a path in another directory")
+  assert {p.name: p.read_text() for p in run_dir.iterdir()} == files

@@ -1,7 +1,8 @@
-"""`--help` exits 0 on train.py and every script in tools/.
+"""`--help` exits 0 on train.py and every program in tools/.
 
-absl's help flags exit with status 1 by themselves; `official_shapemask.help_flags`
-makes them exit 0. A flag that does not parse still exits 1.
+absl's help flags exit with status 1 by themselves;
+`official_shapemask.help_flags` makes them exit 0 (`cli/entry.run`). A flag
+that does not parse still exits 1.
 """
 import os
 import pathlib
@@ -11,27 +12,40 @@ import sys
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+TOOLS = REPO_ROOT / "tools"
+# train.py and tools/*.py run as scripts; the benchmark tooling of
+# tools/bench as modules (`python -m tools.bench.<name>`), its shell script
+# with bash.
 SCRIPTS = sorted(
     [REPO_ROOT / "train.py"] +
-    [p for p in (REPO_ROOT / "tools").glob("*.py")
-     if "__main__" in p.read_text()] +
-    sorted((REPO_ROOT / "tools").glob("*.sh")))
+    [p for p in TOOLS.rglob("*.py") if "__main__" in p.read_text()] +
+    sorted(TOOLS.rglob("*.sh")))
 
 
 def _run(script, *args):
-  command = (["bash"] if script.suffix == ".sh" else [sys.executable])
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-  return subprocess.run(command + [str(script), *args], cwd=REPO_ROOT,
-                        env=env, capture_output=True, text=True, timeout=300,
+  if script.suffix == ".sh":
+    command = ["bash", str(script)]
+  elif script.parent == TOOLS / "bench":
+    command = [sys.executable, "-m", f"tools.bench.{script.stem}"]
+  else:
+    command = [sys.executable, str(script)]
+  # This checkout's package first (an installed one may be another's).
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+             PYTHONPATH=os.pathsep.join(
+                 [str(REPO_ROOT)] + [p for p in [os.environ.get(
+                     "PYTHONPATH")] if p]))
+  return subprocess.run(command + list(args), cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=300,
                         check=False)
 
 
 def test_every_script_is_listed():
   names = {p.name for p in SCRIPTS}
   assert {"train.py", "predict.py", "export_saved_model.py",
-          "create_coco_tfrecord.py", "gpu_benchmark.sh"} <= names
-  # Every python file of tools/ but the package marker runs as a script.
-  assert names >= {p.name for p in (REPO_ROOT / "tools").glob("*.py")
+          "create_coco_tfrecord.py", "benchmark.py", "benchmark_input.py",
+          "benchmark_eval.py", "gpu_benchmark.sh"} <= names
+  # Every launcher of tools/ (all but the package marker) is a script.
+  assert names >= {p.name for p in TOOLS.glob("*.py")
                    if p.name != "__init__.py"}
 
 

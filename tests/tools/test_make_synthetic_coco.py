@@ -13,7 +13,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 import pytest
 
-from tools.make_synthetic_coco import make_synthetic_coco
+from official_shapemask.cli.make_synthetic_coco import make_synthetic_coco
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -126,7 +126,7 @@ def test_occlusion_is_reflected_in_the_masks(synthetic):
 
 
 def test_converts_to_tfrecords(synthetic, tmp_path):
-  from official_shapemask.dataloaders import coco_tfrecord
+  from official_shapemask.data_prep import coco_tfrecord
   root, summary = synthetic
   result = coco_tfrecord.convert_coco_to_tfrecords(
       str(root / 'val'), summary['val']['annotation_file'],
@@ -141,7 +141,8 @@ def test_cli(tmp_path):
       [sys.executable, 'tools/make_synthetic_coco.py',
        f'--output_dir={tmp_path}', '--num_train=3', '--num_val=2',
        '--image_size=64', '--seed=1'],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
   assert result.returncode == 0, result.stderr
   assert 'train: 3 images' in result.stdout
   assert sorted(os.listdir(tmp_path / 'annotations')) == [

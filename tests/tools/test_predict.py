@@ -11,7 +11,6 @@ import os
 import pathlib
 import re
 import shutil
-import sys
 
 import cv2
 import numpy as np
@@ -22,19 +21,14 @@ import tensorflow as tf
 from pycocotools import coco as coco_api
 from pycocotools import mask as mask_api
 
+from official_shapemask.cli import predict as predict_tool
 from official_shapemask.evaluation import coco_utils
 from official_shapemask.serving import exif_orientation
 from official_shapemask.serving import export
 from official_shapemask.serving import label_map as label_map_lib
 from official_shapemask.serving import predictor as predictor_lib
 from official_shapemask.serving import visualize
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
-                       "serving"))
-import test_export as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-sys.path.insert(0, str(helpers.REPO_ROOT / "tools"))
-import predict as predict_tool  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.serving import test_export as helpers
 
 IMAGE_IDS = (helpers.VAL_IMAGE_ID, helpers.PORTRAIT_IMAGE_ID)
 TF_LOG_LINE = re.compile(r"^(?:\d{4}-\d\d-\d\d [\d:.]+: [EWF] |[EWF]\d{4} "

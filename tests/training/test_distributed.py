@@ -190,7 +190,6 @@ def _worker_main(argv):
   parser.add_argument("--model_dir")
   parser.add_argument("--out")
   args = parser.parse_args(argv)
-  sys.path.insert(0, str(REPO_ROOT))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if args.role.startswith("mirrored"):  # Before TensorFlow initialises.
     cpu = tf.config.list_physical_devices("CPU")[0]

@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 from official_shapemask.modeling import factory
-from official_shapemask.training import checkpoints
+from official_shapemask.weights import checkpoints
+from official_shapemask.weights import restore_report
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
 from official_shapemask.training import train_loop
@@ -49,8 +50,8 @@ def _lines(captured):
 @pytest.fixture(scope="module")
 def synthetic_records(tmp_path_factory):
   """8 train images of the 6-class synthetic dataset as TFRecords."""
-  from official_shapemask.dataloaders import coco_tfrecord
-  from tools import make_synthetic_coco
+  from official_shapemask.data_prep import coco_tfrecord
+  from official_shapemask.cli import make_synthetic_coco
   root = tmp_path_factory.mktemp("synthetic")
   info = make_synthetic_coco.make_synthetic_coco(
       str(root / "coco"), num_train=8, num_val=1, image_size=128, seed=3)
@@ -81,7 +82,7 @@ def coco_checkpoint(tmp_path_factory):
 
 def _values(model):
   return {p: v.numpy() for p, v in
-          checkpoints.model_variable_paths(model).items()}
+          restore_report.model_variable_paths(model).items()}
 
 
 # ------------------------------------------------------------ configuration
@@ -99,6 +100,8 @@ def test_tiny_kwargs_match_tiny_cpu_gin(clean_gin):
      "{tmp}/missing_priors.npy"),
     ("RESNET_CHECKPOINT='{tmp}/no_ckpt/ckpt-7'", "{tmp}/no_ckpt/ckpt-7"),
     ("RESNET_CHECKPOINT='{tmp}/resnet.weights.h5'", "{tmp}/resnet.weights.h5"),
+    ("build_momentum_optimizer.momentum_form='tf2'", "momentum_form='tf2'"),
+    ("build_shapemask_model.l2_variables='seed'", "l2_variables='seed'"),
 ])
 def test_bad_input_fails_before_the_strategy_starts(
     clean_gin, tiny_train_records, tmp_path, binding, named):

@@ -20,6 +20,7 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
 from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
+from official_shapemask.training import optimizers
 from official_shapemask.training import train_loop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -58,6 +59,10 @@ EXPECTED = {
 # CPU-sized configs keep the parser's default (docs/architecture.md).
 SEED_SAMPLER = {n: "seed_2019" for n in EXPECTED}
 SEED_SAMPLER.update({"tiny_cpu.gin": "pad_2020", "demo.gin": "pad_2020"})
+# The seed's momentum form and weight decay likewise (docs/seed.md).
+SEED_TRAINING = {n: ("tf1", "seed_2019") for n in EXPECTED}
+SEED_TRAINING.update({"tiny_cpu.gin": ("keras", "all"),
+                      "demo.gin": ("keras", "all")})
 # Any other file (demo.gin, ...) is parsed, checked against its own macros
 # and, when small, built.
 OTHERS = [n for n in GIN_FILES if n not in EXPECTED]
@@ -143,8 +148,11 @@ def test_gin_file_parses_and_gives_its_settings(name, data_paths, tmp_path):
   experiment.validate_inputs("train", exp.train_file_pattern, None, None)
 
   optimizer = experiment.build_momentum_optimizer()
-  assert isinstance(optimizer, keras.optimizers.SGD)
+  form, l2_rule = SEED_TRAINING[name]
+  assert isinstance(optimizer, {"tf1": optimizers.TF1Momentum,
+                                "keras": keras.optimizers.SGD}[form])
   assert optimizer.momentum == 0.9 and not optimizer.nesterov
+  assert model.get("l2_variables", "all") == l2_rule
   # The schedule as the optimizer serializes it (checkpointed runs).
   schedule = keras.optimizers.schedules.deserialize(
       optimizer.get_config()["learning_rate"])
@@ -226,6 +234,11 @@ def test_other_gin_files_parse_and_small_ones_build(name, data_paths,
   for step in (0, exp.total_steps // 2, exp.total_steps):
     assert 0 < _lr(schedule, step) < 10
   bound = _model_bindings()
+  if name in SEED_TRAINING:
+    form, l2_rule = SEED_TRAINING[name]
+    assert gin.query_parameter(
+        "build_momentum_optimizer.momentum_form") == form
+    assert bound.get("l2_variables", "all") == l2_rule
   if bound.get("image_size", 1024) <= 256:  # Cheap enough to build here.
     model = factory.build_shapemask_model()
     assert model.image_size == bound["image_size"]
@@ -325,7 +338,7 @@ def test_train_py_help_explains_every_flag():
   text = result.stdout + result.stderr
   # absl prints the usage to stdout and exits 1 after --help.
   assert result.returncode in (0, 1) and "Traceback" not in text, text
-  source = (REPO_ROOT / "train.py").read_text()
+  source = (REPO_ROOT / "official_shapemask" / "cli" / "train.py").read_text()
   flags = re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source)
   assert set(flags) >= {"gin_file", "gin_bindings", "model_dir", "mode",
                         "strategy", "tpu", "eval_timeout"}

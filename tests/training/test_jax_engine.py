@@ -69,7 +69,7 @@ _INIT = textwrap.dedent("""
     import keras
     import numpy as np
     from official_shapemask.modeling import factory
-    from official_shapemask.training import checkpoints
+    from official_shapemask.weights import checkpoints
     from official_shapemask.training import experiment
     from official_shapemask.training import gin_utils
     from official_shapemask.training import jax_engine

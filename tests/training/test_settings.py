@@ -47,7 +47,7 @@ def _experiment(*bindings):
      "size): must be a positive whole number"),
     ("TOTAL_STEPS='100'", "TOTAL_STEPS='100' (Experiment.total_steps): must "
      "be a positive whole number"),
-    ("Experiment.eval_samples=0", "Experiment.eval_samples=0: must be a "
+    ("EVAL_SAMPLES=0", "EVAL_SAMPLES=0 (Experiment.eval_samples): must be a "
      "positive whole number (or None)"),
     ("Experiment.max_checkpoints=0", "Experiment.max_checkpoints=0: must be a "
      "positive whole number"),

@@ -9,6 +9,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,7 @@ def killed_and_resumed(tiny_train_records, tmp_path_factory):
   second = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT, check=False)
   return dict(model_dir=model_dir, first_rc=first.returncode,
+              first_pid=first.pid,
               first_log=log_path.read_text(), killed=killed_checkpoint,
               second=second, second_wall=time.time() - start)
 
@@ -95,6 +97,12 @@ def test_kill_9_then_the_same_command_resumes_and_finishes(killed_and_resumed):
   assert second.returncode == 0, second.stderr[-5000:]
   out = second.stdout
   assert f"Resumed from {run['killed']} at step {resumed_at}" in out
+  # The killed run's lock file is taken over, saying so, and released.
+  lock = run["model_dir"] / "train.lock"
+  assert (f"Took over {lock} from a training run that is no longer running "
+          f"(host {socket.gethostname()}, pid {run['first_pid']}, started "
+          ) in out
+  assert not lock.exists()
   steps = [int(m.group(1)) for m in _progress(out)]
   assert steps == list(range(resumed_at + EVERY, TOTAL + 1, EVERY))
   # The final checkpoint holds the total step count.

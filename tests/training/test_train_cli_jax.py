@@ -12,7 +12,9 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,7 +113,8 @@ def jax_run(tiny_train_records, tiny_val_records, tmp_path_factory):
   third = subprocess.run(cmd + ["--mode=eval"], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=TIMEOUT,
                          check=False)
-  return dict(model_dir=model_dir, first_rc=first.returncode,
+  return dict(model_dir=model_dir, cmd=cmd, env=env,
+              first_rc=first.returncode, first_pid=first.pid,
               first_log=log_path.read_text(), killed=killed, second=second,
               second_wall=second_wall, third=third,
               trained_metrics=trained_metrics)
@@ -130,6 +133,12 @@ def test_kill_9_then_the_same_command_resumes_and_finishes(jax_run):
   assert (f"Resumed from {checkpoints / str(resumed_at)} at step "
           f"{resumed_at}") in out
   assert "JAX engine: 2 cpu device(s) in 1 process(es), float32" in out
+  # The killed run's lock file is taken over, saying so, and released.
+  lock = run["model_dir"] / "train.lock"
+  assert (f"Took over {lock} from a training run that is no longer running "
+          f"(host {socket.gethostname()}, pid {run['first_pid']}, started "
+          ) in out
+  assert not lock.exists()
   steps = [int(m.group(1)) for m in _progress(out)]
   assert steps == list(range(resumed_at + EVERY, TOTAL + 1, EVERY))
   assert _steps(run["model_dir"])[-1] == TOTAL
@@ -225,3 +234,53 @@ def test_tensorflow_export_reads_the_jax_weights(jax_run):
   assert sum(changed) > 0.8 * len(changed)
   outputs = model(np.zeros((1, 64, 64, 3), np.float32), training=False)
   assert outputs["detection_masks"].shape[:2] == (1, 20)
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_skipped_in_one_line(jax_run, tmp_path):
+  """Its largest file cut in half: eval and training fall back to the step
+  before (training moves it aside), each saying so in one line."""
+  model_dir = tmp_path / "run"
+  shutil.copytree(jax_run["model_dir"], model_dir)
+  checkpoints = model_dir / "checkpoints"
+  newest, before = checkpoints / str(TOTAL), checkpoints / str(TOTAL - EVERY)
+  largest = max((p for p in newest.rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  data = largest.read_bytes()
+  largest.write_bytes(data[:len(data) // 2])
+  cmd = [a for a in jax_run["cmd"] if not a.startswith("--model_dir=")] + [
+      f"--model_dir={model_dir}"]
+
+  def run(mode):
+    return subprocess.run(cmd + [f"--mode={mode}"], cwd=REPO_ROOT,
+                          env=jax_run["env"], capture_output=True, text=True,
+                          timeout=TIMEOUT, check=False)
+
+  def reported(out):
+    lines = [line for line in out.splitlines()
+             if line.startswith(f"Checkpoint {newest} cannot be read (")]
+    assert len(lines) == 1, out[-3000:]
+    return lines[0]
+
+  evaluate = run("eval")
+  assert evaluate.returncode == 0, (evaluate.stdout[-3000:] +
+                                    evaluate.stderr[-3000:])
+  assert reported(evaluate.stdout).endswith(f"; using {before} instead")
+  assert f"Evaluation at step {TOTAL - EVERY} (8 images" in evaluate.stdout
+  assert newest.is_dir() and not (model_dir / "unreadable").exists()
+  train = run("train")
+  assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+  moved = model_dir / "unreadable" / f"checkpoints-{TOTAL}"
+  assert reported(train.stdout).endswith(
+      f"; moved to {moved}; using {before} instead")
+  assert f"Resumed from {before} at step {TOTAL - EVERY}" in train.stdout
+  assert [int(m.group(1)) for m in _progress(train.stdout)] == [TOTAL]
+  assert _steps(model_dir)[-1] == TOTAL  # Saved again.
+  assert (moved / largest.relative_to(newest)).read_bytes() == (
+      data[:len(data) // 2])
+  # No TensorStore traceback: a handful of lines on stderr at most.
+  for result in (evaluate, train):
+    for text in (result.stdout, result.stderr):
+      assert "Traceback" not in text and "tensorstore_spec" not in text, (
+          text[-3000:])
+    assert len(result.stderr.splitlines()) < 20, result.stderr[-3000:]

@@ -1,1 +1,1 @@
-"""The benchmark package behind tools/benchmark.py (see its docstring)."""
+"""The benchmark package behind tools/bench/benchmark.py (see its docstring)."""

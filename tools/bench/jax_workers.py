@@ -5,7 +5,7 @@ that `KERAS_BACKEND=jax python train.py` runs: the same compiled function
 (forward + `compute_losses` + gradients + `optimizer.stateless_apply`),
 under `keras.distribution.DataParallel` over every local device, on a
 static synthetic batch placed on the devices once (input excluded: the
-input pipeline is measured apart by `tools/benchmark_input.py`).
+input pipeline is measured apart by `tools/bench/benchmark_input.py`).
 `jax_infer` times `jax_step.PredictStep` (detections and the mask branch),
 the engine's evaluation step.
 """

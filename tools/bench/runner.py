@@ -1,7 +1,7 @@
 """The benchmark's orchestration: measurement subprocesses and summaries.
 
-`Runner` starts each measurement as `tools/benchmark.py --_worker SPEC` in a
-subprocess of its own (its own peak memory; one failure or timeout does not
+`Runner` starts each measurement as `python -m tools.bench.benchmark --_worker
+SPEC` in a subprocess of its own (its own peak memory; one failure or timeout does not
 stop the run) and records its JSON line; `run_tensorflow`, `run_workers` and
 `run_jax` are the three kinds of runs and return their summary line.
 `run_worker` is the subprocess side: it imports only the worker family it
@@ -19,7 +19,7 @@ import time
 
 from tools.bench import common
 
-CLI = os.path.join(common.REPO_ROOT, "tools", "benchmark.py")
+CLI = "tools.bench.benchmark"  # Run as `python -m` from the repository root.
 # Measurement kind -> (module of tools.bench, function).
 WORKERS = {
     "ours_train": ("tf_workers", "worker_ours_train"),
@@ -76,7 +76,7 @@ class Runner:
     self._count = 0
 
   def _command(self, spec):
-    return [sys.executable, CLI, "--_worker", json.dumps(spec)]
+    return [sys.executable, "-m", CLI, "--_worker", json.dumps(spec)]
 
   def _env(self, extra=None):
     env = dict(os.environ)
@@ -234,7 +234,7 @@ def run_tensorflow(args, runner, base):
     summary[f"{impl}_peak_gib"] = max(peaks["train"] + peaks["infer"],
                                       default=None)
   if args.peer:
-    from official_shapemask.serving import legacy_shapemask
+    from official_shapemask.weights import legacy_shapemask
     summary["train_ratio"] = _ratio(summary["ours_train_step_s"],
                                     summary["peer_train_step_s"])
     summary["infer_ratio"] = _ratio(summary["ours_infer_step_s"],

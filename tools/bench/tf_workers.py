@@ -133,7 +133,7 @@ def _peer_setup(spec):
   tf = _tf_setup(spec)
   from official.legacy.detection.dataloader import input_reader
   from official.legacy.detection.dataloader import mode_keys
-  from official_shapemask.serving import legacy_shapemask
+  from official_shapemask.weights import legacy_shapemask
   params = legacy_shapemask.legacy_params(
       spec["model"], batch_size=spec["batch_size"],
       shape_prior_path=spec["prior_path"],

@@ -20,35 +20,64 @@ compile to fused kernels; the numbers are the same up to float rounding.
 
 Statistics are two-pass (mean, then the mean of squared deviations), as in
 Keras: no ``E[x^2] - E[x]^2`` cancellation.
+
+Ghost batches (``num_groups = G > 1``): the batch ``[B, ...]`` is split into
+G consecutive groups of ``B / G`` images, each normalised with its own
+statistics (the view ``[G, B/G * H * W, C]``), as G replicas of a
+`tf.distribute` strategy each normalise their own batch. The moving averages
+take the mean over the groups of the group means and of the group (biased)
+variances: what G replicas with MEAN-aggregated moving statistics
+(`training/strategies.replica_consistent_state`) write. The engines set G
+from `Experiment.per_replica_batch_size` (`ShapeMaskModel.set_batch_groups`).
 """
+
+import operator
 
 import keras
 from keras import ops
 
 
-def batch_norm_train(x, gamma, beta, epsilon):
+def batch_norm_train(x, gamma, beta, epsilon, num_groups=1):
   """Training-mode batch norm over the last axis, closed-form gradient.
 
   Args:
-    x: float32 ``[..., C]`` activation.
+    x: float32 ``[B, ..., C]`` activation.
     gamma: float32 ``[C]`` scale.
     beta: float32 ``[C]`` offset.
     epsilon: float, added to the variance.
+    num_groups: int G, ghost batches: each of G consecutive groups of
+      ``B / G`` rows of `x` is normalised with its own statistics (B must be
+      a multiple of G). 1 = the whole batch.
 
   Returns:
     ``(y, mean, variance)``: ``y = gamma * (x - mean) / sqrt(variance +
-    epsilon) + beta`` (same shape as `x`), and the biased batch statistics
-    ``[C]`` (no gradient flows through them; Keras' moving averages take
-    none either).
+    epsilon) + beta`` (same shape as `x`, mean and variance of the row's
+    group), and the biased batch statistics ``[C]``, with G > 1 the mean over
+    the groups of the group means and of the group variances (no gradient
+    flows through them; Keras' moving averages take none either).
   """
-  # Everything runs on the [N, C] view; a channel sum is `ones [1, N] @ t`.
-  flat = ops.reshape(x, (-1, x.shape[-1]))
-  num = ops.shape(flat)[0]
-  ones = ops.ones((1, num), dtype=flat.dtype)
+  # Everything runs on the [N, C] view (G > 1: [G, N / G, C]); a channel sum
+  # is `ones [1, N] @ t` (per group: `ones [G, 1, N / G] @ t`).
+  channels = x.shape[-1]
+  grouped = num_groups > 1
+  if grouped:
+    flat = ops.reshape(x, (num_groups, -1, channels))
+    num = ops.shape(flat)[1]
+    ones = ops.ones((num_groups, 1, num), dtype=flat.dtype)
+  else:
+    flat = ops.reshape(x, (-1, channels))
+    num = ops.shape(flat)[0]
+    ones = ops.ones((1, num), dtype=flat.dtype)
   count = ops.cast(num, "float32")
 
   def channel_sum(t):
-    return ops.matmul(ones, t)[0]
+    """Per-group channel sums: ``[C]`` (G = 1) or ``[G, 1, C]``."""
+    sums = ops.matmul(ones, t)
+    return sums if grouped else sums[0]
+
+  def over_groups(t, reduce):
+    """A per-group ``[G, 1, C]`` -> ``[C]`` (G = 1: as it is)."""
+    return reduce(t, axis=(0, 1)) if grouped else t
 
   @ops.custom_gradient
   def normalize(x, gamma, beta):
@@ -70,12 +99,14 @@ def batch_norm_train(x, gamma, beta, epsilon):
       d_beta = channel_sum(upstream)
       dot = channel_sum(upstream * centered)  # sum(dy * (x - mean))
       d_gamma = dot * inv
-      # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
+      # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)), per group.
       k = scale * inv * inv * dot / count
       d_x = (upstream * scale - centered * k) - scale * d_beta / count
-      return d_x, d_gamma, d_beta
+      return (d_x, over_groups(d_gamma, ops.sum),
+              over_groups(d_beta, ops.sum))
 
-    return (y, ops.stop_gradient(mean), ops.stop_gradient(variance)), grad
+    return (y, ops.stop_gradient(over_groups(mean, ops.mean)),
+            ops.stop_gradient(over_groups(variance, ops.mean))), grad
 
   y, mean, variance = normalize(flat, gamma, beta)
   return ops.reshape(y, ops.shape(x)), mean, variance
@@ -85,14 +116,26 @@ def batch_norm_train(x, gamma, beta, epsilon):
 class BatchNormalization(keras.layers.BatchNormalization):
   """`keras.layers.BatchNormalization` with a closed-form training gradient.
 
-  Takes the same arguments. The custom path is used in training mode for a
+  Takes Keras' arguments and one more, `num_groups` (int, default 1): in
+  training, ghost batches of ``B / num_groups`` consecutive images, each
+  normalised with its own statistics (see the module docstring; the batch
+  must be a multiple of it). The custom path is used in training mode for a
   trainable, non-synchronized, unmasked, non-renormalised batch norm over
-  the last axis; every other case is Keras' own code. Variables and their
-  names are Keras', so checkpoints and weight files are interchangeable.
-  The class keeps Keras' class name on purpose: `.weights.h5` files name
-  layers held in lists and dicts after their class, so a different name
-  would break weight files saved with Keras' layer.
+  the last axis; every other case is Keras' own code (with `num_groups` > 1
+  such a case is an error, except where the moving statistics are used).
+  Variables and their names are Keras', so checkpoints and weight files are
+  interchangeable. The class keeps Keras' class name on purpose:
+  `.weights.h5` files name layers held in lists and dicts after their class,
+  so a different name would break weight files saved with Keras' layer.
   """
+
+  def __init__(self, *args, num_groups=1, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.num_groups = check_num_groups(num_groups)
+
+  def set_num_groups(self, num_groups):
+    """Sets the ghost-batch count of the next traced training call."""
+    self.num_groups = check_num_groups(num_groups)
 
   def _fast_path(self, ndim, training, mask):
     return bool(training and self.trainable and mask is None and
@@ -100,12 +143,23 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 self.center and self.axis in (-1, ndim - 1))
 
   def call(self, inputs, training=None, mask=None):
+    num_groups = self.num_groups
     if not self._fast_path(len(inputs.shape), training, mask):
+      if num_groups > 1 and training and self.trainable:
+        raise ValueError(
+            f"BatchNormalization '{self.name}': num_groups={num_groups} "
+            "(ghost batches) needs a non-synchronized, unmasked, "
+            "non-renormalised norm over the last axis with scale and center")
       return super().call(inputs, training=training, mask=mask)
+    batch = inputs.shape[0]
+    if num_groups > 1 and batch is not None and batch % num_groups:
+      raise ValueError(
+          f"BatchNormalization '{self.name}': the batch of {batch} rows is "
+          f"not a multiple of num_groups={num_groups}")
     x = ops.cast(inputs, "float32")
     y, mean, variance = batch_norm_train(
         x, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"),
-        self.epsilon)
+        self.epsilon, num_groups=num_groups)
     momentum = self.momentum
     self.moving_mean.assign(
         ops.cast(self.moving_mean, "float32") * momentum +
@@ -114,3 +168,19 @@ class BatchNormalization(keras.layers.BatchNormalization):
         ops.cast(self.moving_variance, "float32") * momentum +
         variance * (1.0 - momentum))
     return ops.cast(y, self.compute_dtype)
+
+  def get_config(self):
+    config = super().get_config()
+    config["num_groups"] = self.num_groups
+    return config
+
+
+def check_num_groups(num_groups):
+  """`num_groups` as an int >= 1, or a ValueError naming it."""
+  try:
+    value = operator.index(num_groups)
+  except TypeError:
+    value = 0
+  if isinstance(num_groups, bool) or value < 1:
+    raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
+  return value
