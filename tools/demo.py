@@ -32,6 +32,10 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 from official_shapemask import quiet_logs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# Side of the shape priors: gin/demo.gin's build_shapemask_model.
+# mask_crop_size (the model refuses priors of another size).
+PRIOR_SIZE = 16
+
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_out",
                                   "where the data, run and pictures go")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 400, "synthetic train images")
@@ -49,10 +53,12 @@ def _run(title, args):
   """Runs one tool, streaming its output; stops the demo if it fails."""
   print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
   env = dict(os.environ, PYTHONUNBUFFERED="1")
+  start = time.time()
   proc = subprocess.run([sys.executable] + args, cwd=REPO, env=env,
                         check=False)
   if proc.returncode:
     raise SystemExit(f"demo: step '{title}' failed (exit {proc.returncode})")
+  print(f"=== {title}: {time.time() - start:.1f} s", flush=True)
 
 
 def write_contact_sheet(paths, sheet_path, columns=3):
@@ -101,7 +107,8 @@ def main(argv):
   _run("3/6 shape priors", [
       "tools/generate_shape_priors.py",
       f"--annotation_file={data}/annotations/instances_train.json",
-      f"--output={priors}", "--num_clusters=8"
+      f"--output={priors}", "--num_clusters=8",
+      f"--prior_size={PRIOR_SIZE}"
   ])
   bindings = [
       f"--gin_bindings=TRAIN_FILE_PATTERN='{records}/train-*'",
