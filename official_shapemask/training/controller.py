@@ -382,9 +382,13 @@ def build(model_dir, strategy_name="one_device", tpu=None, print_fn=print,
     print_fn: where messages go.
     background_eval: see `Controller`.
     **settings: `Settings` arguments over the gin-bound ones.
+
+  Raises:
+    InvalidInputError: a size or step count that is not a positive whole
+      number, in one line naming the gin setting (`settings.create`).
   """
-  run_settings = settings_lib.Settings(model_dir, strategy_name=strategy_name,
-                                       tpu=tpu, **settings)
+  run_settings = settings_lib.create(model_dir, strategy_name=strategy_name,
+                                     tpu=tpu, **settings)
   engine_class = engines.load(keras.backend.backend())
   return Controller(run_settings, engine_class(run_settings, print_fn),
                     print_fn=print_fn, background_eval=background_eval)

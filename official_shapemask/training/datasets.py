@@ -3,13 +3,16 @@
 Both engines read data with TensorFlow on the host: `make_train_dataset_fn`
 gives the per-input-pipeline dataset (`tf.distribute.InputContext` in, this
 pipeline's share of the global batch out) that each engine turns into its
-own iterator, and `make_eval_dataset` the whole evaluation set. A damaged
-record's `tf.errors.OpError` becomes a one-line error naming its shard
+own iterator, and `make_eval_dataset` the whole evaluation set. The parser
+checks every record's category ids against the model's `num_classes`
+(`dataloaders/class_ids.check_in_graph`). A damaged record's, or a bad
+category id's, `tf.errors.OpError` becomes a one-line error naming its shard
 (`data_error`, `naming_damaged_files`).
 """
 
 import tensorflow as tf
 
+from official_shapemask.dataloaders import class_ids
 from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.training import settings as settings_lib
@@ -17,13 +20,15 @@ from official_shapemask.weights import errors
 
 
 def model_input_settings(model):
-  """Parser settings that must agree with the model's anchors and sizes."""
+  """Parser settings that must agree with the model's anchors, sizes and
+  class count."""
   anchors = model.detection_generator.get_config()
   return dict(output_size=model.image_size, min_level=anchors["min_level"],
               max_level=anchors["max_level"], num_scales=anchors["num_scales"],
               aspect_ratios=tuple(anchors["aspect_ratios"]),
               anchor_size=anchors["anchor_size"],
               mask_crop_size=model.prior_head.mask_crop_size,
+              num_classes=model.head.get_config()["num_classes"],
               upsample_factor=model.fine_head.upsample_factor,
               outer_box_scale=model.outer_box_scale)
 
@@ -58,7 +63,9 @@ def make_train_dataset_fn(file_pattern, global_batch_size, model,
 
 
 def data_error(error, pattern, setting):
-  """An `InvalidInputError` naming the shard behind a tf.data record error.
+  """An `InvalidInputError` naming the shard behind a tf.data record error,
+  or the category id, image and shard of a record whose class id does not
+  fit the model (the parser's `class_ids.check_in_graph`).
 
   Args:
     error: the `tf.errors.OpError` a dataset of `pattern` raised.
@@ -68,6 +75,9 @@ def data_error(error, pattern, setting):
   Returns:
     the error to raise, or None when `error` is not a damaged-record error.
   """
+  bad_class = class_ids.describe_error(error)
+  if bad_class is not None:
+    return settings_lib.InvalidInputError(f"{setting}: {bad_class}")
   if input_reader.record_error_offset(error) is None:
     return None
   files = input_reader.list_files(pattern)

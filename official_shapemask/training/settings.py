@@ -5,20 +5,95 @@ so every gin file, macro and `config.gin` binds `Experiment.<name>`), the
 controller reads it, and each engine reads the fields it needs. No engine
 subclasses or wraps it.
 
-Also here, once for every engine: the batch-group rule of
+Sizes and step counts are positive whole numbers, checked once where gin
+hands them over (`positive_setting`; `create` gives its one line). Also
+here, once for every engine: the batch-group rule of
 `Experiment.per_replica_batch_size` (`check_per_replica_batch_size`,
 `replica_groups`), the batch-divisibility check (`check_divisible`) and the
 `use_bfloat16` default (`use_bfloat16`).
 """
 
 import gin
+from gin import config as gin_config
 
 from official_shapemask.training import divergence
 
 
 class InvalidInputError(ValueError):
   """A setting names a file that is missing, corrupt or does not fit, or
-  holds a value the run cannot use (one line)."""
+  holds a value the run cannot use (one line).
+
+  `message` is the one-line message (gin appends its call site to `str()`
+  of an error raised inside a configurable; see `create`).
+  """
+
+  def __init__(self, message):
+    super().__init__(message)
+    self.message = message
+
+
+def setting_name(configurable, param):
+  """How the user sets `configurable.param`: `MACRO (Experiment.param)` when
+  its unscoped gin binding is a macro, else `Experiment.param`.
+
+  Args:
+    configurable: the configurable's name as gin files write it
+      (`Experiment`).
+    param: the parameter name.
+  """
+  name = f"{configurable}.{param}"
+  macro_suffix = "/gin.macro"
+  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    if scope or selector.rsplit(".", 1)[-1] != configurable:
+      continue
+    value = params.get(param)
+    if isinstance(value, gin_config.ConfigurableReference) and (
+        value.scoped_selector.endswith(macro_suffix)):
+      return f"{value.scoped_selector[:-len(macro_suffix)]} ({name})"
+  return name
+
+
+def positive_setting(value, param, configurable="Experiment",
+                     optional=False):
+  """`value` as an int, after checking it is a positive whole number.
+
+  Args:
+    value: the bound value (gin parses `64` as int, `1e4` as float).
+    param: the parameter's name, for the message.
+    configurable: whose parameter it is, for the message.
+    optional: None is allowed (and returned).
+
+  Raises:
+    InvalidInputError: one line naming the gin setting (its macro when it
+      is bound through one, e.g. `TRAIN_BATCH_SIZE (Experiment.
+      train_batch_size)`) and the value.
+  """
+  if value is None and optional:
+    return None
+  whole = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      float(value).is_integer())
+  if not whole or value < 1:
+    name = setting_name(configurable, param)
+    macro = name.split(" ", 1)[0]
+    unset = " (or None)" if optional else ""
+    raise InvalidInputError(
+        f"{macro}={value!r}{name[len(macro):]}: must be a positive whole "
+        f"number{unset}")
+  return int(value)
+
+
+def create(model_dir, **kwargs):
+  """`Settings(model_dir, **kwargs)` with its gin bindings.
+
+  Raises:
+    InvalidInputError: a setting that is not a positive whole number, in
+      one line (without the "In call to configurable" line gin appends to
+      errors raised inside a configurable).
+  """
+  try:
+    return Settings(model_dir, **kwargs)
+  except InvalidInputError as e:
+    raise InvalidInputError(e.message) from None
 
 
 @gin.configurable("Experiment", module="official_shapemask.training.settings",
@@ -50,6 +125,9 @@ class Settings:
       checkpoint_every).
     eval_samples: images evaluated (None = the whole evaluation set).
     max_checkpoints: checkpoints kept.
+      These sizes and counts are positive whole numbers (None where it
+      says so); another value is an `InvalidInputError` naming the gin
+      setting.
     init_checkpoint: checkpoint to start from when `model_dir` holds none
       (`RESNET_CHECKPOINT`): a ShapeMask checkpoint of ours, a Keras
       weights file, a TF1 checkpoint / SavedModel of the seed's code or a
@@ -104,15 +182,22 @@ class Settings:
     self.train_file_pattern = train_file_pattern
     self.eval_file_pattern = eval_file_pattern
     self.val_json_file = val_json_file
-    self.train_batch_size = int(train_batch_size)
+    # Sizes and step counts: checked once, here, where gin hands them over.
+    self.train_batch_size = positive_setting(train_batch_size,
+                                             "train_batch_size")
     self.per_replica_batch_size = per_replica_batch_size
-    self.eval_batch_size = int(eval_batch_size)
-    self.total_steps = int(total_steps)
-    self.steps_per_loop = int(steps_per_loop)
-    self.checkpoint_every = int(checkpoint_every or steps_per_loop)
-    self.eval_every = int(eval_every or self.checkpoint_every)
-    self.eval_samples = eval_samples
-    self.max_checkpoints = int(max_checkpoints)
+    self.eval_batch_size = positive_setting(eval_batch_size, "eval_batch_size")
+    self.total_steps = positive_setting(total_steps, "total_steps")
+    self.steps_per_loop = positive_setting(steps_per_loop, "steps_per_loop")
+    self.checkpoint_every = positive_setting(
+        checkpoint_every, "checkpoint_every",
+        optional=True) or self.steps_per_loop
+    self.eval_every = positive_setting(
+        eval_every, "eval_every", optional=True) or self.checkpoint_every
+    self.eval_samples = positive_setting(eval_samples, "eval_samples",
+                                         optional=True)
+    self.max_checkpoints = positive_setting(max_checkpoints,
+                                            "max_checkpoints")
     self.init_checkpoint = init_checkpoint
     self.init_checkpoint_modules = init_checkpoint_modules
     self.init_checkpoint_prefix = init_checkpoint_prefix

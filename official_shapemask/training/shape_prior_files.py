@@ -22,8 +22,7 @@ import gin
 import tensorflow as tf
 
 from official_shapemask.modeling import factory
-from official_shapemask.weights import errors
-from official_shapemask.weights import tf1_checkpoints
+from official_shapemask.weights import errors, tf1_checkpoints
 
 # Seconds allowed for copying a remote prior file (it is 7.5 MB for COCO).
 COPY_TIMEOUT_S = tf1_checkpoints.OPEN_TIMEOUT_S

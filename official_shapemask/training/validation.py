@@ -1,7 +1,8 @@
 """Checks of a run's inputs, made once before any engine starts.
 
 `validate` names a missing or unfitting data pattern, shape-prior file,
-init checkpoint or choice setting in one line (`InvalidInputError`), before
+init checkpoint, choice setting or label map (a category id the model has
+no class slot for) in one line (`InvalidInputError`), before
 a strategy, a device mesh or a model exists. `model_overrides` gives the
 `build_shapemask_model` arguments every engine builds with (and says what
 stays frozen).
@@ -12,6 +13,7 @@ import inspect
 import gin
 import tensorflow as tf
 
+from official_shapemask.dataloaders import class_ids
 from official_shapemask.dataloaders import input_reader
 from official_shapemask.modeling import factory
 from official_shapemask.modeling import shapemask_model
@@ -33,7 +35,7 @@ def model_setting(name):
 
 
 def require_records(pattern, setting, print_fn):
-  """The TFRecord files of `pattern`; skipped files are reported."""
+  """`(files, skipped)` of `pattern`; skipped files are reported."""
   if not pattern:
     raise InvalidInputError(f"{setting} is not set")
   try:
@@ -42,7 +44,22 @@ def require_records(pattern, setting, print_fn):
     raise InvalidInputError(f"{setting}: {e}") from None
   for path in skipped:
     print_fn(f"{setting}={pattern!r}: skipping {path} (not a TFRecord file)")
-  return files
+  return files, skipped
+
+
+def check_label_maps(files, skipped, setting):
+  """The converter's label maps beside `files` (or among the `skipped`
+  files the pattern matched) hold no id the model's `num_classes` lacks.
+
+  Raises:
+    InvalidInputError: naming the setting, the id and the label map.
+  """
+  try:
+    class_ids.check_label_maps(
+        files, int(model_setting("num_classes")),
+        [p for p in skipped if p.endswith(class_ids.LABEL_MAP_SUFFIX)])
+  except ValueError as e:
+    raise InvalidInputError(f"{setting}: {e}") from None
 
 
 def check_record_files(pattern, setting):
@@ -139,21 +156,29 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   that are not TFRecords by name are skipped, saying so), the shape-prior
   file (readable, class count equal to the model's `num_classes`, prior
   size equal to its `mask_crop_size`; a remote one is copied to the local
-  cache first, see `shape_prior_files`) and the init checkpoint
-  (`validate_init_checkpoint`).
+  cache first, see `shape_prior_files`), the init checkpoint
+  (`validate_init_checkpoint`) and, last, the converter's label maps beside
+  the data (no category id at or above `num_classes`; `check_label_maps`).
 
   Raises:
     InvalidInputError: naming the setting and the path (or value).
   """
   _check_choices()
+  data = {}
   if mode in ("train", "train_and_eval"):
-    require_records(train_file_pattern, "train_file_pattern", print_fn)
+    data["train_file_pattern"] = require_records(
+        train_file_pattern, "train_file_pattern", print_fn)
   if mode in ("eval", "train_and_eval"):
-    require_records(eval_file_pattern, "eval_file_pattern", print_fn)
+    data["eval_file_pattern"] = require_records(
+        eval_file_pattern, "eval_file_pattern", print_fn)
   _check_priors()
   if init_checkpoint:
     validate_init_checkpoint(init_checkpoint, init_checkpoint_prefix,
                              init_checkpoint_modules)
+  # Last, so that a prior file made for another NUM_CLASSES is named as
+  # the more direct mismatch.
+  for setting, (files, skipped) in data.items():
+    check_label_maps(files, skipped, setting)
 
 
 def validate(settings, mode, print_fn=print):

@@ -317,7 +317,7 @@ def test_restore_names_a_damaged_checkpoint(planted, tmp_path, how):
 
 def test_damaged_jax_weights_file_is_named(planted, tmp_path):
   """The weights a JAX run leaves for export, truncated: one line."""
-  weights = checkpoints.model_weights_path(str(tmp_path), 20)
+  weights = paths.model_weights_path(str(tmp_path), 20)
   planted["model"].save_weights(weights)
   data = pathlib.Path(weights).read_bytes()
   pathlib.Path(weights).write_bytes(data[:len(data) // 2])

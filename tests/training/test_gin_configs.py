@@ -1,7 +1,8 @@
 """Every gin config parses, builds its model and gives the seed's schedules.
 
 The data macros are bound to existing dummy paths and a [91, 20, 32, 32]
-shape-prior file. The R-101 model at 1024 px is built and one training step
+shape-prior file (or one of the config's own class count and mask crop
+size). The R-101 model at 1024 px is built and one training step
 is traced (not run) on CPU with the real input pipeline's tensor specs.
 """
 import os
@@ -84,29 +85,33 @@ def data_paths(tmp_path_factory):
   return paths
 
 
-def _priors_file(data_paths, classes):
-  if classes not in data_paths:
+def _priors_file(data_paths, classes, size=32):
+  key = classes if size == 32 else (classes, size)
+  if key not in data_paths:
     path = os.path.join(os.path.dirname(data_paths[91]),
-                        f"priors_{classes}.npy")
+                        f"priors_{classes}_{size}.npy")
     np.save(path, np.random.default_rng(classes).uniform(
-        0, 1, (classes, 20, 32, 32)).astype(np.float32))
-    data_paths[classes] = path
-  return data_paths[classes]
+        0, 1, (classes, 20, size, size)).astype(np.float32))
+    data_paths[key] = path
+  return data_paths[key]
 
 
-def _parse(name, data_paths, *extra, classes=91):
+def _parse(name, data_paths, *extra, classes=91, size=32):
   """Parses `name` with the data macros bound; returns its class count."""
   with gin.unlock_config():
     gin.clear_config()
-  priors = _priors_file(data_paths, classes)
+  priors = _priors_file(data_paths, classes, size)
   bindings = [f"TRAIN_FILE_PATTERN='{data_paths['TRAIN_FILE_PATTERN']}'",
               f"SHAPE_PRIOR_PATH='{priors}'"] + list(extra)
   gin_utils.parse_config([name], bindings)
-  bound = gin.get_bindings(factory.build_shapemask_model).get(
-      "num_classes", 91)
-  if bound != classes:  # Priors of the file's own class count.
-    return _parse(name, data_paths, *extra, classes=bound)
-  return bound
+  bound = gin.get_bindings(factory.build_shapemask_model)
+  bound_classes = bound.get("num_classes", 91)
+  bound_size = bound.get("mask_crop_size", 32)
+  if (bound_classes, bound_size) != (classes, size):
+    # Priors of the file's own class count and mask crop size.
+    return _parse(name, data_paths, *extra, classes=bound_classes,
+                  size=bound_size)
+  return bound_classes
 
 
 @pytest.fixture(autouse=True)
@@ -348,3 +353,35 @@ def test_train_py_help_explains_every_flag():
     match = re.search(rf"--{flag}: (.+?)(?=\n  --|\Z)", text, re.S)
     assert match, flag
     assert len(match.group(1).split()) >= 6, (flag, match.group(1))
+
+
+def test_overriding_a_macros_only_use_is_not_a_misspelling(data_paths):
+  """tiny_cpu.gin sets EVAL_SAMPLES for Experiment.eval_samples; binding
+  the parameter itself leaves the file's macro unused, which is fine; a
+  macro bound on the command line and used nowhere is still refused."""
+  _parse("tiny_cpu.gin", data_paths, "Experiment.eval_samples = 8")
+  assert gin.query_parameter("Experiment.eval_samples") == 8
+  with pytest.raises(gin_utils.ConfigError, match="EVAL_SAMPLEZ"):
+    _parse("tiny_cpu.gin", data_paths, "EVAL_SAMPLEZ = 8")
+
+
+def test_every_configurable_module_is_registered():
+  """A run's config.gin names every configurable it called (e.g.
+  `build_dataset.cache`); parsing it elsewhere (export, a resumed run)
+  needs `register_configurables` to import each module that defines one."""
+  package = REPO_ROOT / "official_shapemask"
+  defining = sorted(
+      ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+      for path in package.rglob("*.py")
+      if "@gin.configurable" in path.read_text())
+  assert "official_shapemask.dataloaders.input_reader" in defining
+  script = (
+      "import sys\n"
+      "from official_shapemask.training import gin_utils\n"
+      "gin_utils.register_configurables()\n"
+      "print(' '.join(m for m in sys.argv[1:] if m not in sys.modules))\n")
+  proc = subprocess.run(
+      [sys.executable, "-c", script, *defining], cwd=REPO_ROOT,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=""),
+      capture_output=True, text=True, timeout=300, check=True)
+  assert proc.stdout.split() == [], proc.stdout

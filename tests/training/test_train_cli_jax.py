@@ -38,7 +38,7 @@ SMALL = [  # A smaller model than tiny_cpu.gin's, for compile time.
     "build_shapemask_model.mask_num_filters=8",
     "build_shapemask_model.pre_nms_num_boxes=100",
     "build_shapemask_model.max_num_detections=20",
-    "EVAL_SAMPLES=8",
+    "Experiment.eval_samples=8",
 ]
 
 
