@@ -8,6 +8,10 @@ The Keras backend chooses the engine: TensorFlow (default) runs the
 tf.distribute loop; `KERAS_BACKEND=jax python train.py ...` runs the JAX
 engine (keras.distribution over every device; same gin files and outputs).
 
+SIGTERM (a preemption) or SIGINT (Ctrl-C) while training: the current step
+finishes, is saved, one line says so, and the exit status is 128 + the
+signal number (143, 130); the same command resumes from that step.
+
 Short gin names are looked up among the package's gin files (gin/ in a
 checkout); paths work too. See README.md for the seed's commands and their
 equivalents.
@@ -70,6 +74,7 @@ def main(argv):
         "of every process (see README: multi-host)")
   from official_shapemask.training import divergence
   from official_shapemask.training import gin_utils
+  from official_shapemask.training import interrupt
   from official_shapemask.training import modes
   from official_shapemask.training import run_lock
   from official_shapemask.training import settings
@@ -85,6 +90,10 @@ def main(argv):
     # Configuration, input and checkpoint errors, a model_dir that cannot
     # be used (another run holds it), and a diverged run: one clear line.
     sys.exit(f"train.py: error: {e}")
+  except interrupt.StopRequested as e:
+    # Saved and said so (`Controller.check_stop`); the status tells a
+    # scheduler that a signal ended the run (128 + its number).
+    sys.exit(e.exit_status)
 
 
 def console_entry():

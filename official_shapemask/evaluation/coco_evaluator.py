@@ -36,6 +36,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 
@@ -501,7 +502,8 @@ class COCOEvaluator:
         # spawn, not fork: forking a process that runs TensorFlow threads
         # can deadlock.
         self._executor = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_leave_signals_to_the_parent)
     return self._executor.submit(run_coco_eval, job)
 
   def close(self):
@@ -512,6 +514,18 @@ class COCOEvaluator:
     if self._paste_pool is not None:
       self._paste_pool.shutdown(wait=True)
       self._paste_pool = None
+
+
+def _leave_signals_to_the_parent():
+  """The COCOeval worker ignores SIGINT and SIGTERM.
+
+  Ctrl-C (and a shutdown that signals the whole process group) reaches the
+  worker too; the training process decides what a signal means (it stops
+  after a step, saved, and still collects the evaluations under way), and
+  shuts the worker down itself.
+  """
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def format_metrics_table(metrics):

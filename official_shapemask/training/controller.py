@@ -16,9 +16,14 @@ A `Controller` drives one engine (`engines/base.py`) through a run:
 * progress lines and TensorBoard (`progress.ProgressLogger`), the run's
   `config.gin` (`operative_config.TrainingConfigRecorder`);
 * COCO evaluation for every engine, in the background inside
-  `train_and_eval` (`evaluations.Evaluations`).
+  `train_and_eval` (`evaluations.Evaluations`);
+* the stop on SIGTERM / SIGINT: `request_stop` (called by
+  `interrupt.SignalStop`'s watcher thread) makes the engine end its round
+  after the running step; `check_stop` then saves that step, says so in one
+  line and raises `interrupt.StopRequested`.
 
-`modes.py` runs the three `--mode`s with it and holds the run lock.
+`modes.py` runs the three `--mode`s with it, holds the run lock and listens
+for the signals.
 """
 
 import math
@@ -32,6 +37,7 @@ from official_shapemask.training import datasets
 from official_shapemask.training import divergence
 from official_shapemask.training import engines
 from official_shapemask.training import evaluations
+from official_shapemask.training import interrupt
 from official_shapemask.training import operative_config
 from official_shapemask.training import progress
 from official_shapemask.training import settings as settings_lib
@@ -71,6 +77,8 @@ class Controller:
     self._logger = None
     self._trained_steps = 0
     self._train_seconds = 0.0
+    self._saved = (None, None)  # (step, path) of the newest checkpoint.
+    self._stop_signal = None
 
   # ------------------------------------------------------------ properties
   @property
@@ -178,6 +186,7 @@ class Controller:
     s = self.settings
     if latest:
       self._resumed = True
+      self._saved = (self.step, latest)
       self.print_fn(f"Resumed from {latest} at step {self.step}")
     elif s.init_checkpoint:
       try:
@@ -287,6 +296,7 @@ class Controller:
     losses = {}
     step = self.step
     while step < until:
+      self.check_stop()
       self.evaluations.collect(wait=False)
       num = min(s.steps_per_loop, until - step,
                 s.checkpoint_every - step % s.checkpoint_every)
@@ -294,6 +304,7 @@ class Controller:
       step = self.step
       if step % s.checkpoint_every == 0 or step >= until:
         self._save(step)
+    self.check_stop()
     if step >= s.total_steps:
       path = self.engine.export_weights(step)
       if path:
@@ -347,7 +358,51 @@ class Controller:
           f"non-finite weights after step {step}; training stopped, the "
           f"last good checkpoint is kept: {self.engine.latest_checkpoint()}")
     self._config.before_save()
-    return self.engine.save(step)
+    path = self.engine.save(step)
+    self._saved = (step, path)
+    return path
+
+  # ------------------------------------------------------------------ stop
+  def request_stop(self, signum):
+    """Asks the run to stop after the running step (from any thread).
+
+    `interrupt.SignalStop` calls this on SIGTERM / SIGINT; the engine ends
+    its round after the step it is running, and the controller's next
+    `check_stop` saves and stops.
+    """
+    self._stop_signal = signum
+    self.engine.request_stop()
+
+  def stop_requested(self):
+    """Whether this or any other process of the run was asked to stop.
+
+    A collective where several processes train together: every process
+    calls it at the same points (round ends, evaluation batches).
+    """
+    return self.engine.any_process(self._stop_signal is not None)
+
+  def check_stop(self):
+    """After a stop request: saves the current step and stops.
+
+    The step is saved unless a checkpoint already holds it (the round ended
+    at a checkpoint boundary, or nothing was trained since the resume);
+    the save is waited for, then one line names the signal, the step and
+    the checkpoint.
+
+    Raises:
+      interrupt.StopRequested: when a stop was requested.
+    """
+    if not self.stop_requested():
+      return
+    step = self.step
+    saved_step, path = self._saved
+    if saved_step != step and step > 0:  # Step 0: nothing trained.
+      path = self._save(step)
+    if path is not None:
+      self.engine.wait_for_saves()
+    stop = interrupt.StopRequested(self._stop_signal, step, path)
+    self.print_fn(str(stop), flush=True)
+    raise stop
 
   # ------------------------------------------------------------ evaluation
   def evaluate(self):
@@ -357,6 +412,8 @@ class Controller:
     table, and returns the metrics. Inside `train_and_eval` before the last
     step, COCOeval runs in the background and this returns None; the
     results are published when it finishes (at the latest at `close`).
+    Inside `train_and_eval`, a stop request abandons the evaluation after
+    the current batch (None; `check_stop` then stops the run).
     """
     s = self.settings
     validation.check_record_files(s.eval_file_pattern, "eval_file_pattern")
@@ -365,10 +422,11 @@ class Controller:
         self.engine.use_bfloat16)
     batches = datasets.naming_damaged_files(
         dataset.as_numpy_iterator(), s.eval_file_pattern, "eval_file_pattern")
+    training = self.mode == "train_and_eval"
     return self.evaluations.run(
         self.engine.predict, batches, self.step, chief=self.chief,
-        in_background=(self.mode == "train_and_eval" and
-                       self.step < s.total_steps))
+        in_background=training and self.step < s.total_steps,
+        should_stop=self.stop_requested if training else None)
 
 
 def build(model_dir, strategy_name="one_device", tpu=None, print_fn=print,

@@ -1,6 +1,13 @@
-"""`train.py --mode=train|eval|train_and_eval`, for every engine."""
+"""`train.py --mode=train|eval|train_and_eval`, for every engine.
+
+While a training mode trains, SIGTERM and SIGINT stop the run after the
+running step, saved (`interrupt.SignalStop` -> `Controller.request_stop`;
+`Controller.check_stop` raises `interrupt.StopRequested`, which `train.py`
+turns into its exit status 128 + the signal number).
+"""
 
 from official_shapemask.training import controller as controller_lib
+from official_shapemask.training import interrupt
 from official_shapemask.training import run_lock
 from official_shapemask.training import settings as settings_lib
 
@@ -13,34 +20,57 @@ def _report_time(run, print_fn):
   return wall
 
 
-def train(run, print_fn=print):
-  """Trains to total_steps, checkpointing; prints the seed's timing."""
+def _start(run, mode):
   try:
-    run.start("train")
-    losses = run.train()
+    run.start(mode)
   except BaseException:
     run.close()
     raise
-  wall = _report_time(run, print_fn)
+
+
+def train(run, print_fn=print):
+  """Trains to total_steps, checkpointing; prints the seed's timing.
+
+  Raises:
+    interrupt.StopRequested: SIGTERM or SIGINT stopped it (saved).
+  """
+  _start(run, "train")
+  # From here to the end of `close` (which waits for pending saves), a
+  # signal asks for a stop; a second one is ignored.
+  with interrupt.SignalStop(run.request_stop, print_fn):
+    try:
+      losses = run.train()
+    except BaseException:
+      run.close()
+      raise
+    wall = _report_time(run, print_fn)
   return {"step": run.step, "losses": losses, "wall_seconds": wall,
           "images_per_second": run.train_images_per_second,
           "checkpoint": run.latest_checkpoint()}
 
 
 def train_and_eval(run, print_fn=print):
-  """Alternates training and evaluation every `eval_every` steps."""
-  try:
-    run.start("train_and_eval")
-    while run.step < run.total_steps:
-      boundary = (run.step // run.eval_every + 1) * run.eval_every
-      run.train(min(boundary, run.total_steps))
-      if run.step < run.total_steps:
-        run.evaluate()
-    metrics = run.evaluate()  # Once more at the end.
-  except BaseException:
-    run.close()
-    raise
-  wall = _report_time(run, print_fn)
+  """Alternates training and evaluation every `eval_every` steps.
+
+  Raises:
+    interrupt.StopRequested: SIGTERM or SIGINT stopped it (saved; an
+      evaluation under way is abandoned).
+  """
+  _start(run, "train_and_eval")
+  with interrupt.SignalStop(run.request_stop, print_fn):
+    try:
+      while run.step < run.total_steps:
+        boundary = (run.step // run.eval_every + 1) * run.eval_every
+        run.train(min(boundary, run.total_steps))
+        if run.step < run.total_steps:
+          run.evaluate()
+          run.check_stop()
+      metrics = run.evaluate()  # Once more at the end.
+      run.check_stop()
+    except BaseException:
+      run.close()
+      raise
+    wall = _report_time(run, print_fn)
   return {"step": run.step, "metrics": metrics, "wall_seconds": wall}
 
 
@@ -88,6 +118,8 @@ def run(mode, model_dir, strategy_name="one_device", tpu=None, eval_timeout=0,
   Raises:
     run_lock.RunDirError: `model_dir` is a file, cannot be written, or
       another training run holds it (named).
+    interrupt.StopRequested: a training mode stopped on SIGTERM / SIGINT
+      after saving its step (the same command resumes).
   """
   run_lock.check_model_dir(model_dir)
   if mode not in ("train", "train_and_eval", "eval"):

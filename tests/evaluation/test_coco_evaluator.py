@@ -2,6 +2,9 @@
 import contextlib
 import io
 import json
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -264,6 +267,28 @@ def test_evaluate_async_matches_sync(fixed_batches, val_annotation_file,
   assert background.pop("eval_seconds") > 0
   assert background == sync
   assert "novel_mask_AP" in sync
+
+
+def test_background_worker_leaves_signals_to_the_training_process(
+    fixed_batches):
+  """Ctrl-C reaches the whole process group: the COCOeval worker ignores
+  SIGINT and SIGTERM (the training process stops after a step, saved, and
+  still collects its evaluations), so the pool keeps working."""
+  evaluator = COCOEvaluator(annotation_file=None, run_in_background="process")
+  try:
+    for predictions, groundtruths in fixed_batches[:2]:
+      evaluator.update(predictions, groundtruths)
+    first = evaluator.evaluate_async().result(timeout=120)
+    (pid,) = evaluator._executor._processes  # pylint: disable=protected-access
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)  # A worker that took them would be gone by now.
+    second = evaluator.evaluate_async().result(timeout=120)
+  finally:
+    evaluator.close()
+  first.pop("eval_seconds")
+  second.pop("eval_seconds")
+  assert second == first
 
 
 def test_format_metrics_table(fixed_batches, val_annotation_file):

@@ -24,7 +24,9 @@ The controller calls, in this order:
 4. Training: `train_iterator(dataset_fn)` once, then rounds of
    `run_steps(iterator, n)`, each followed by the controller's checks and,
    at its cadence, `weights_finite()` and `save(step)`; `export_weights`
-   at the last step.
+   at the last step. On SIGTERM / SIGINT, `request_stop()` comes from
+   another thread; after the round, `any_process(flag)` agrees on stopping,
+   then `save(step)` and `wait_for_saves()`.
 5. Evaluation: `predict(images, image_info)` per batch.
 6. `close()`.
 
@@ -154,6 +156,14 @@ class Engine(abc.ABC):
   @abc.abstractmethod
   def save(self, step):
     """Saves the current state as checkpoint `step`; returns its path."""
+
+  def wait_for_saves(self):
+    """Blocks until every `save` so far is written.
+
+    An engine that saves asynchronously waits here; one whose `save`
+    returns when the checkpoint is written has nothing to do. The
+    controller calls it before it says that a stopped run's step is saved.
+    """
 
   def export_weights(self, step):
     """At the last step: writes what other tools need (path) or None."""

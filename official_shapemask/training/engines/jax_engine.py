@@ -10,7 +10,9 @@
   (`input_pipeline_id = process_index`) and yields `global_batch /
   num_processes` images per step.
 * Step: `jax_step.TrainStep`, one compiled step per batch, dispatched
-  asynchronously; a round's losses are read once, at its end. The global
+  asynchronously at most one step ahead of the device; a round's losses
+  are read once, at its end. A stop request (`request_stop`, SIGTERM) ends
+  the round after the step that is running. The global
   batch is normalised as one unit (SPMD), in `global /
   per_replica_batch_size` groups when that is set, so any number of
   devices computes what the TensorFlow engine computes on replicas of that
@@ -186,6 +188,9 @@ class Engine(base.Engine):
     self.manager.save(step, self.state)
     return self.manager.path(step)
 
+  def wait_for_saves(self):
+    self.manager.wait()
+
   def export_weights(self, step):
     self.train_step.assign(self.state)
     return jax_checkpoints.write_keras_weights(
@@ -207,6 +212,12 @@ class Engine(base.Engine):
       batch = jax_step.shard_batch((images, labels), self.distribution)
       self.state, losses = self.train_step(self.state, *batch)
       history.append(losses)
+      if len(history) > 1:
+        # At most one step ahead of the device: the next batch is placed
+        # while a step runs, and a stop request ends the round after the
+        # step that is running (the one dispatched just now) instead of
+        # after a round's worth of queued steps.
+        jax.block_until_ready(history[-2])
       if self._stop.is_set() and self.num_processes == 1:
         break
     history = jax.device_get(history)  # Waits for the round's last step.
