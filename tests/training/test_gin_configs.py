@@ -1,7 +1,8 @@
 """Every gin config parses, builds its model and gives the seed's schedules.
 
 The data macros are bound to existing dummy paths and a [91, 20, 32, 32]
-shape-prior file. The R-101 model at 1024 px is built and one training step
+shape-prior file (or one of the config's own class count and mask crop
+size). The R-101 model at 1024 px is built and one training step
 is traced (not run) on CPU with the real input pipeline's tensor specs.
 """
 import os
@@ -82,29 +83,33 @@ def data_paths(tmp_path_factory):
   return paths
 
 
-def _priors_file(data_paths, classes):
-  if classes not in data_paths:
+def _priors_file(data_paths, classes, size=32):
+  key = classes if size == 32 else (classes, size)
+  if key not in data_paths:
     path = os.path.join(os.path.dirname(data_paths[91]),
-                        f"priors_{classes}.npy")
+                        f"priors_{classes}_{size}.npy")
     np.save(path, np.random.default_rng(classes).uniform(
-        0, 1, (classes, 20, 32, 32)).astype(np.float32))
-    data_paths[classes] = path
-  return data_paths[classes]
+        0, 1, (classes, 20, size, size)).astype(np.float32))
+    data_paths[key] = path
+  return data_paths[key]
 
 
-def _parse(name, data_paths, *extra, classes=91):
+def _parse(name, data_paths, *extra, classes=91, size=32):
   """Parses `name` with the data macros bound; returns its class count."""
   with gin.unlock_config():
     gin.clear_config()
-  priors = _priors_file(data_paths, classes)
+  priors = _priors_file(data_paths, classes, size)
   bindings = [f"TRAIN_FILE_PATTERN='{data_paths['TRAIN_FILE_PATTERN']}'",
               f"SHAPE_PRIOR_PATH='{priors}'"] + list(extra)
   gin_utils.parse_config([name], bindings)
-  bound = gin.get_bindings(factory.build_shapemask_model).get(
-      "num_classes", 91)
-  if bound != classes:  # Priors of the file's own class count.
-    return _parse(name, data_paths, *extra, classes=bound)
-  return bound
+  bound = gin.get_bindings(factory.build_shapemask_model)
+  bound_classes = bound.get("num_classes", 91)
+  bound_size = bound.get("mask_crop_size", 32)
+  if (bound_classes, bound_size) != (classes, size):
+    # Priors of the file's own class count and mask crop size.
+    return _parse(name, data_paths, *extra, classes=bound_classes,
+                  size=bound_size)
+  return bound_classes
 
 
 @pytest.fixture(autouse=True)
