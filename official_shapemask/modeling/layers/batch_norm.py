@@ -20,44 +20,81 @@ compile to fused kernels; the numbers are the same up to float rounding.
 
 Statistics are two-pass (mean, then the mean of squared deviations), as in
 Keras: no ``E[x^2] - E[x]^2`` cancellation.
+
+Dtypes: under mixed precision the activation comes in and goes out in the
+compute dtype (bfloat16); the statistics and the normalisation math run in
+float32 on values cast where they are used, and the backward pass keeps
+the bfloat16 input (not a float32 copy) and recomputes ``x - mean`` from
+it. So no full-size float32 tensor has to be written to memory between
+the forward and the backward pass, or between the ops of either. In
+float32 every cast is the identity and the values are the same.
+
+Channel sums: under the TensorFlow backend they are matmuls with a ones
+row (oneDNN's fast path on the CPU, where TensorFlow does not fuse). Under
+JAX the step is one XLA program, and a reduction fuses with the elementwise
+op that feeds it while a matmul's operand has to be written out whole
+first, so there they are reductions (`channel_sum="reduce"`).
 """
 
 import keras
 from keras import ops
 
 
-def batch_norm_train(x, gamma, beta, epsilon):
+def _default_channel_sum():
+  return "matmul" if keras.backend.backend() == "tensorflow" else "reduce"
+
+
+def batch_norm_train(x, gamma, beta, epsilon, channel_sum=None):
   """Training-mode batch norm over the last axis, closed-form gradient.
 
   Args:
-    x: float32 ``[..., C]`` activation.
+    x: ``[..., C]`` activation, float32 or the layer's compute dtype
+      (bfloat16 / float16 under mixed precision).
     gamma: float32 ``[C]`` scale.
     beta: float32 ``[C]`` offset.
     epsilon: float, added to the variance.
+    channel_sum: "matmul" (``ones [1, N] @ t``) or "reduce" (a sum over
+      axis 0); None: "matmul" under the TensorFlow backend, else "reduce"
+      (see the module docstring). Same values up to summation order.
 
   Returns:
     ``(y, mean, variance)``: ``y = gamma * (x - mean) / sqrt(variance +
-    epsilon) + beta`` (same shape as `x`), and the biased batch statistics
-    ``[C]`` (no gradient flows through them; Keras' moving averages take
-    none either).
+    epsilon) + beta`` in `x`'s dtype and shape (computed in float32), and
+    the biased float32 batch statistics ``[C]`` (no gradient flows through
+    them; Keras' moving averages take none either). The gradient with
+    respect to `x` comes back in `x`'s dtype.
   """
-  # Everything runs on the [N, C] view; a channel sum is `ones [1, N] @ t`.
+  # Everything runs on the [N, C] view.
   flat = ops.reshape(x, (-1, x.shape[-1]))
   num = ops.shape(flat)[0]
-  ones = ops.ones((1, num), dtype=flat.dtype)
   count = ops.cast(num, "float32")
+  if channel_sum is None:
+    channel_sum = _default_channel_sum()
+  if channel_sum == "matmul":
+    ones = ops.ones((1, num), dtype="float32")
 
-  def channel_sum(t):
-    return ops.matmul(ones, t)[0]
+    def channel_total(t):
+      return ops.matmul(ones, t)[0]
+  elif channel_sum == "reduce":
+
+    def channel_total(t):
+      return ops.sum(t, axis=0)
+  else:
+    raise ValueError(f"batch_norm_train: channel_sum must be 'matmul' or "
+                     f"'reduce', got {channel_sum!r}")
+
+  def as_float32(t):
+    return ops.cast(t, "float32")
 
   @ops.custom_gradient
   def normalize(x, gamma, beta):
-    mean = channel_sum(x) / count
-    centered = x - mean
-    variance = channel_sum(ops.square(centered)) / count
+    dtype = x.dtype
+    mean = channel_total(as_float32(x)) / count
+    centered = as_float32(x) - mean
+    variance = channel_total(ops.square(centered)) / count
     inv = ops.rsqrt(variance + epsilon)
     scale = gamma * inv
-    y = centered * scale + beta
+    y = ops.cast(centered * scale + beta, dtype)
 
     def grad(*args, upstream=None):
       # TensorFlow passes one upstream gradient per output as positional
@@ -67,13 +104,17 @@ def batch_norm_train(x, gamma, beta, epsilon):
         upstream = args[0] if len(args) == 1 else args
       if isinstance(upstream, (tuple, list)):
         upstream = upstream[0]
-      d_beta = channel_sum(upstream)
-      dot = channel_sum(upstream * centered)  # sum(dy * (x - mean))
+      upstream = as_float32(upstream)
+      # x - mean again, from the saved input in its own dtype: the float32
+      # `centered` of the forward pass is not kept for the backward.
+      recentered = as_float32(x) - mean
+      d_beta = channel_total(upstream)
+      dot = channel_total(upstream * recentered)  # sum(dy * (x - mean))
       d_gamma = dot * inv
       # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
       k = scale * inv * inv * dot / count
-      d_x = (upstream * scale - centered * k) - scale * d_beta / count
-      return d_x, d_gamma, d_beta
+      d_x = (upstream * scale - recentered * k) - scale * d_beta / count
+      return ops.cast(d_x, dtype), d_gamma, d_beta
 
     return (y, ops.stop_gradient(mean), ops.stop_gradient(variance)), grad
 
@@ -102,7 +143,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
   def call(self, inputs, training=None, mask=None):
     if not self._fast_path(len(inputs.shape), training, mask):
       return super().call(inputs, training=training, mask=mask)
-    x = ops.cast(inputs, "float32")
+    # The input stays in the compute dtype (see the module docstring).
+    x = ops.cast(inputs, self.compute_dtype)
     y, mean, variance = batch_norm_train(
         x, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"),
         self.epsilon)
