@@ -211,12 +211,14 @@ def test_variants_torch_variants_and_mfu_in_the_summary():
   # Eager torchvision first, alone; the compiled variant compiles with ours.
   assert [(s["torch_variant"], s["batch_size"]) for s in alone] == [
       ("eager", 8), ("eager", 16), ("channels_last", 8)]
-  assert [(s["kind"], s["batch_size"], s.get("levers"), s.get("nice", 0))
-          for s in parallel] == [
-              ("jax_train", 8, [], 0), ("jax_train", 16, [], 0),
-              ("jax_infer", 1, [], 0), ("jax_infer", 8, [], 0),
-              ("jax_train", 16, ["bn_float32_io", "bn_matmul_sums"], 10),
-              ("jax_infer", 1, [], 10), ("torch_train", 8, [], 10)]
+  assert [(s["kind"], s["batch_size"], s.get("levers"), s.get("nice", 0),
+           s.get("extra", False)) for s in parallel] == [
+               ("jax_train", 8, [], 0, False), ("jax_train", 16, [], 0, False),
+               ("jax_infer", 1, [], 0, False), ("jax_infer", 8, [], 0, False),
+               ("jax_train", 16, ["bn_float32_io", "bn_matmul_sums"], 10,
+                True),
+               ("jax_infer", 1, [], 10, True),
+               ("torch_train", 8, [], 10, True)]
   assert parallel[5]["model"] == {"image_size": 1024,
                                   "pre_nms_num_boxes": 1000}
   assert parallel[0]["model"] == {"image_size": 1024}
@@ -227,6 +229,31 @@ def test_variants_torch_variants_and_mfu_in_the_summary():
   assert summary["ours_infer_mfu_b8"] == 0.25
   assert summary["ours[pre_nms_num_boxes=1000]_infer_ms_per_image_b1"] == 1.0
   assert summary["peak_tflops"] == 790.0 and summary["failed"] == []
+
+
+def test_extras_do_not_hold_up_the_main_measurements(tmp_path):
+  import threading
+  sync = str(tmp_path)
+  main = {"sync_dir": sync, "id": 1, "num_main_parties": 1,
+          "barrier_timeout_s": 60}
+  extra = dict(main, id=2, extra=True)
+  entered = threading.Event()
+
+  def extra_party():
+    with common.timing_turn(extra):
+      entered.set()
+
+  thread = threading.Thread(target=extra_party)
+  thread.start()
+  # The extra is compiled but waits for the main party...
+  assert not entered.wait(1.0)
+  assert os.path.exists(os.path.join(sync, "ready-extra-2"))
+  # ...which does not wait for the extra to be timed: it takes the turn as
+  # soon as it is ready itself (the only main party).
+  with common.timing_turn(main):
+    assert os.path.exists(os.path.join(sync, "ready-main-1"))
+  assert entered.wait(30)
+  thread.join()
 
 
 def test_bad_variants_are_refused_with_one_line():

@@ -44,9 +44,10 @@ def test_census_reads_flops_dtypes_writes_and_regions():
   out = hlo_census.analyze(_HLO)
   conv = out["census"]["convolution"]["bf16,bf16->bf16"]
   # 2 * output elements (2*8*8*4) * kernel elements per output (3*3*3).
-  assert conv == {"count": 1, "gflop": round(2 * 512 * 27 / 1e9, 3)}
+  assert conv == {"count": 1, "gflop": round(2 * 512 * 27 / 1e9, 3),
+                  "operand_bytes": 2 * (2 * 16 * 16 * 3 + 27 * 4)}
   dot = out["census"]["dot"]["f32,f32->f32"]
-  assert dot["count"] == 1
+  assert dot["count"] == 1 and dot["operand_bytes"] == 4 * (8 + 20)
   assert out["matrix_gflop"] == pytest.approx((2 * 512 * 27 + 2 * 10 * 4)
                                               / 1e9, abs=1e-3)
   # Written: the conv (bf16), convert, fusion, reduce, dot (f32); the fusion
@@ -62,6 +63,28 @@ def test_census_reads_flops_dtypes_writes_and_regions():
                                                           "forward")
   assert hlo_census.region_of("jit(_step)/sgd/mul") == ("sgd", "forward")
   assert hlo_census.region_of("jit(_step)/max") == ("(step)", "forward")
+
+
+def test_loops_and_sorts_are_listed():
+  text = """
+ENTRY %main (s: f32[2,90,300]) -> s32[2,10] {
+  %s = f32[2,90,300]{2,1,0} parameter(0)
+  %topk = (f32[2,90,50]{2,1,0}, s32[2,90,50]{2,1,0}) custom-call(%s), custom_call_target="TopK", metadata={op_name="jit(_predict)/shapemask/detection_generator/top_k"}
+  %t = (s32[], f32[2,90,300]{2,1,0}, s32[2,10]{1,0}, s32[2,10]{1,0}, pred[2,10]{1,0}, /*index=5*/s32[2,10]{1,0}) tuple(%a, %s, %b, %c, %d, %e)
+  %w = (s32[], f32[2,90,300]{2,1,0}, s32[2,10]{1,0}, s32[2,10]{1,0}, pred[2,10]{1,0}, /*index=5*/s32[2,10]{1,0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"10"}}, metadata={op_name="jit(_predict)/shapemask/detection_generator/while"}
+  %w2 = (s32[], pred[]) while(%t2), condition=%cond2, body=%body2
+  %sorted = f32[2,300]{1,0} sort(%x), dimensions={1}, to_apply=%lt
+  ROOT %r = s32[2,10]{1,0} get-tuple-element(%w), index=2
+}
+"""
+  out = hlo_census.analyze(text)
+  assert out["loops"] == [
+      {"region": "detection_generator forward", "known_trip_count": 10},
+      {"region": "(no metadata) forward", "known_trip_count": None}]
+  assert out["sorts"][0] == {"op": "topk",
+                             "region": "detection_generator forward",
+                             "shape": [2, 90, 300], "elements": 54000}
+  assert out["sorts"][1]["op"] == "sort"
 
 
 def test_custom_call_convolutions_are_counted():

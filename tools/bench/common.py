@@ -324,19 +324,31 @@ def synthetic_batch(kwargs, batch_size, seed=0):
 
 
 # ------------------------------------------------------- worker sync (GPU)
+def ready_file(spec):
+  """The file a party of a `--parallel` run creates once it is compiled:
+  `ready-main-<id>`, or `ready-extra-<id>` for the A/B extras."""
+  kind = "extra" if spec.get("extra") else "main"
+  return os.path.join(spec["sync_dir"], f"ready-{kind}-{spec['id']}")
+
+
 @contextlib.contextmanager
 def timing_turn(spec):
-  """Waits for every party to be compiled, then holds the timing lock."""
+  """Waits for the main parties to be compiled, then holds the timing lock.
+
+  The extras (`spec["extra"]`: the A/B variants, compiled at a lower CPU
+  priority) do not hold up the main measurements: every party waits for
+  the `num_main_parties` main ones only (at most `barrier_timeout_s`).
+  """
   sync_dir = spec.get("sync_dir")
   if not sync_dir:
     yield
     return
   import fcntl
-  open(os.path.join(sync_dir, f"ready-{spec['id']}"), "w").close()
+  open(ready_file(spec), "w").close()
   deadline = time.time() + spec.get("barrier_timeout_s", 600)
   while time.time() < deadline:
-    ready = [f for f in os.listdir(sync_dir) if f.startswith("ready-")]
-    if len(ready) >= spec["num_parties"]:
+    ready = [f for f in os.listdir(sync_dir) if f.startswith("ready-main-")]
+    if len(ready) >= spec["num_main_parties"]:
       break
     time.sleep(0.2)
   with open(os.path.join(sync_dir, "timing.lock"), "w") as lock:

@@ -314,13 +314,26 @@ def lower_predict(model, kwargs, batch_size, distribution):
   return predict.lower(state, images, info), {}
 
 
-def analyze_lowered(lowered, batch_size, compile_step=True):
-  """The JSON-ready analysis of one lowered step (see the module doc)."""
+def _dump(dump_prefix, suffix, text):
+  if dump_prefix:
+    tmp = f"{dump_prefix}.{suffix}.hlo.tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, f"{dump_prefix}.{suffix}.hlo")
+
+
+def analyze_lowered(lowered, batch_size, compile_step=True, dump_prefix=None):
+  """The JSON-ready analysis of one lowered step (see the module doc).
+
+  `dump_prefix`: also write the HLO texts to `<prefix>.lowered.hlo` and
+  `<prefix>.compiled.hlo`.
+  """
   flops, nbytes = cost_numbers(lowered.cost_analysis())
   try:
     text = lowered.as_text(dialect="hlo", debug_info=True)
   except TypeError:  # Older JAX: no debug_info.
     text = lowered.as_text(dialect="hlo")
+  _dump(dump_prefix, "lowered", text)
   out = {"lowered": dict(flops=flops, bytes_accessed=nbytes,
                          **hlo_census.analyze(text))}
   out["flops_per_image"] = flops / batch_size if flops else None
@@ -329,6 +342,7 @@ def analyze_lowered(lowered, batch_size, compile_step=True):
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
     flops_c, nbytes_c = cost_numbers(compiled.cost_analysis())
+    _dump(dump_prefix, "compiled", compiled.as_text())
     out["compiled"] = dict(
         backend=_backend(), compile_s=round(compile_s, 1), flops=flops_c,
         bytes_accessed=nbytes_c, memory=memory_numbers(compiled),
@@ -357,7 +371,8 @@ def _commit():
 
 def run(config=None, gin_files=(), gin_bindings=(), overrides=None,
         precision="mixed_bfloat16", batch_size=1, steps=("train",),
-        compile_step=True, levers=(), num_clusters=8, print_fn=None):
+        compile_step=True, levers=(), num_clusters=8, print_fn=None,
+        dump_hlo=None):
   """Analyses the given steps; returns a list of JSON-ready dicts."""
   os.environ.setdefault("KERAS_BACKEND", "jax")
   import keras
@@ -394,7 +409,11 @@ def run(config=None, gin_files=(), gin_bindings=(), overrides=None,
         "machine": f"{os.cpu_count()} cores, {platform.machine()}",
         "build_s": round(build_s, 1), "lower_s": round(lower_s, 1)}
     record.update(extras)
-    record.update(analyze_lowered(lowered, batch_size, compile_step))
+    prefix = None
+    if dump_hlo:
+      os.makedirs(dump_hlo, exist_ok=True)
+      prefix = os.path.join(dump_hlo, f"{step}_b{batch_size}")
+    record.update(analyze_lowered(lowered, batch_size, compile_step, prefix))
     results.append(record)
     if print_fn:
       print_fn(record)
@@ -424,7 +443,8 @@ def summary_line(record):
     if "peak_estimate" in mem:
       parts.append(f"temp {mem['temp'] / 2**30:.2f} GiB, peak "
                    f"{mem['peak_estimate'] / 2**30:.2f} GiB")
-  census = "; ".join(f"{kind} {key} x{v['count']} {v['gflop']:.1f} GFLOP"
+  census = "; ".join(f"{kind} {key} x{v['count']} {v['gflop']:.1f} GFLOP "
+                     f"reading {v['operand_bytes'] / 1e9:.2f} GB"
                      for kind, groups in low["census"].items()
                      for key, v in groups.items())
   return " | ".join(parts) + " | " + census
@@ -454,6 +474,9 @@ def parse_args(argv):
   p.add_argument("--num_clusters", type=int, default=8)
   p.add_argument("--output", default=None,
                  help="also write the JSON records (one per line) here")
+  p.add_argument("--dump_hlo", default=None,
+                 help="folder for the HLO texts (<step>_b<batch>.lowered.hlo "
+                 "and .compiled.hlo)")
   args = p.parse_args(argv)
   steps = [s.strip() for s in args.step.split(",") if s.strip()]
   bad = [s for s in steps if s not in ("train", "predict")]
@@ -481,7 +504,7 @@ def main(argv=None):
 
   run(config, args.gin_file, args.gin_bindings, overrides, args.precision,
       args.batch_size, args.steps, not args.no_compile, args.lever,
-      args.num_clusters, print_fn=emit)
+      args.num_clusters, print_fn=emit, dump_hlo=args.dump_hlo)
   if args.output:
     tmp = args.output + ".tmp"
     with open(tmp, "w") as f:

@@ -7,8 +7,10 @@ program's own ops and dtypes, the same for every backend) or a compiled one
 
 - `census`: every convolution and dot (and convolution/matmul custom-calls,
   as XLA emits them for cuDNN, cuBLAS or oneDNN), grouped by operand and
-  result dtype, with their count and FLOPs (2 x multiply-adds, from the
-  shapes).
+  result dtype, with their count, FLOPs (2 x multiply-adds, from the
+  shapes) and the bytes of their two operands (`operand_bytes`: what they
+  read, and on a GPU what has to be in memory before they run, since XLA
+  does not fuse elementwise producers into cuDNN/cuBLAS calls).
 - `written_bytes_by_dtype`: the bytes of every materialised result, by
   element type: every op of a lowered module, the fusions and unfused ops
   of a compiled one (fusion bodies left out). A proxy for memory traffic and
@@ -46,7 +48,8 @@ _MATMUL_TARGET = re.compile(r"gemm|matmul|dot", re.IGNORECASE)
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?.*\{\s*$")
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*"  # name
-    r"(\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s*"  # result type
+    r"(\((?:[^()]|\([^()]*\))*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s*"
+    # ^ result type: an array, or a tuple (which may hold /*index=5*/ notes)
     r"([a-z][\w\-]*)\((.*)$")  # opcode(operands...), attributes
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _OPERAND = re.compile(r"%?([\w.\-]+)")
@@ -228,7 +231,7 @@ def analyze(text, top=12):
   """Census, bytes by dtype and regions of one HLO module's text."""
   computations = parse_module(text)
   census = collections.defaultdict(
-      lambda: collections.defaultdict(lambda: [0, 0.0]))
+      lambda: collections.defaultdict(lambda: [0, 0.0, 0.0]))
   written = collections.Counter()
   large_f32 = collections.Counter()
   regions = collections.defaultdict(lambda: [0.0, 0.0])
@@ -271,6 +274,10 @@ def analyze(text, top=12):
         entry = census[kind][key]
         entry[0] += 1
         entry[1] += flops
+        for operand in inst["operands"][:2]:
+          dtype, dims = shapes.get(operand, (None, None))
+          if dtype and dims is not None:
+            entry[2] += DTYPE_BYTES.get(dtype, 4) * _product(dims)
         out_labels = re.search(r"dim_labels=[^-]*->(\w+)", inst["attrs"])
         if (kind == "convolution" and out_labels and inst["dims"] and
             region_of(inst["op_name"])[1] == "forward" and
@@ -291,9 +298,10 @@ def analyze(text, top=12):
           large_f32[region] += nbytes
   out = {
       "census": {
-          kind: {key: {"count": n, "gflop": round(f / 1e9, 3)}
-                 for key, (n, f) in sorted(groups.items(),
-                                           key=lambda kv: -kv[1][1])}
+          kind: {key: {"count": n, "gflop": round(f / 1e9, 3),
+                       "operand_bytes": int(b)}
+                 for key, (n, f, b) in sorted(groups.items(),
+                                              key=lambda kv: -kv[1][1])}
           for kind, groups in sorted(census.items())},
       "written_bytes_by_dtype": {
           k: int(v) for k, v in written.most_common() if v},
@@ -305,7 +313,7 @@ def analyze(text, top=12):
   out["loops"] = loops
   out["sorts"] = sorts
   total_flops = sum(f for groups in census.values()
-                    for _, f in groups.values())
+                    for _, f, _ in groups.values())
   out["matrix_gflop"] = round(total_flops / 1e9, 3)
   by_flops = sorted(regions.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))
   out["regions"] = {

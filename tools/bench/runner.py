@@ -123,7 +123,7 @@ class Runner:
                 "error": (f"no result (exit code {job['proc'].returncode}, "
                           f"timeout {timeout} s): " + text[-1500:])}
     if self._sync_dir(spec):  # A failed party must not hold up the others.
-      open(os.path.join(spec["sync_dir"], f"ready-{spec['id']}"), "w").close()
+      open(common.ready_file(spec), "w").close()
     kind = spec["kind"]
     record = {
         "measure": kind.split("_")[1], "impl": spec["impl"],
@@ -160,7 +160,8 @@ class Runner:
     """All specs at once (compile in parallel, timed one at a time)."""
     sync_dir = tempfile.mkdtemp(prefix="sync-", dir=self.workdir)
     barrier = min(self.args.barrier_timeout or timeout, timeout)
-    specs = [dict(s, sync_dir=sync_dir, num_parties=len(specs),
+    main = sum(1 for s in specs if not s.get("extra"))
+    specs = [dict(s, sync_dir=sync_dir, num_main_parties=main,
                   barrier_timeout_s=barrier) for s in specs]
     jobs = [self.start(s) for s in specs]
     pending, records = list(jobs), {}
@@ -374,7 +375,7 @@ def run_jax(args, runner, base):
         batch_size=variant["batch_size"],
         levers=list(base.get("levers") or []) + variant["levers"],
         model=dict(base["model"], **variant["overrides"]),
-        model_overrides=variant["overrides"], nice=10))
+        model_overrides=variant["overrides"], nice=10, extra=True))
   if args.peer and not args.skip_train:
     variants = getattr(args, "torch_variants", None) or ["eager"]
     for item in variants:
@@ -385,12 +386,14 @@ def run_jax(args, runner, base):
         specs.append(dict(base, kind="torch_train", impl="torchvision",
                           backend="torch", batch_size=b,
                           torch_variant=variant, levers=[],
-                          nice=10 if "compile" in variant else 0))
+                          nice=10 if "compile" in variant else 0,
+                          extra=variant != "eager"))
   if args.parallel:
     # The peer's eager PyTorch steps are sensitive to host load: they run
     # first, alone; then ours (and the peer's torch.compile variants, whose
     # compilation is CPU work too) compile together and take turns on the
-    # device. The whole stays within --timeout.
+    # device, the main measurements as soon as they are all compiled, the
+    # extras (A/B variants) when they are. The whole stays within --timeout.
     start = time.time()
     alone = [s for s in specs if s["kind"] == "torch_train" and
              "compile" not in s["torch_variant"]]
