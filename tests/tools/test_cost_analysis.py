@@ -74,6 +74,7 @@ ENTRY %main (s: f32[2,90,300]) -> s32[2,10] {
   %w = (s32[], f32[2,90,300]{2,1,0}, s32[2,10]{1,0}, s32[2,10]{1,0}, pred[2,10]{1,0}, /*index=5*/s32[2,10]{1,0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"10"}}, metadata={op_name="jit(_predict)/shapemask/detection_generator/while"}
   %w2 = (s32[], pred[]) while(%t2), condition=%cond2, body=%body2
   %sorted = f32[2,300]{1,0} sort(%x), dimensions={1}, to_apply=%lt
+  %tk = (f32[2,90,50]{2,1,0}, s32[2,90,50]{2,1,0}) topk(%s), k=50, largest=true
   ROOT %r = s32[2,10]{1,0} get-tuple-element(%w), index=2
 }
 """
@@ -84,7 +85,8 @@ ENTRY %main (s: f32[2,90,300]) -> s32[2,10] {
   assert out["sorts"][0] == {"op": "topk",
                              "region": "detection_generator forward",
                              "shape": [2, 90, 300], "elements": 54000}
-  assert out["sorts"][1]["op"] == "sort"
+  assert [s["op"] for s in out["sorts"]] == ["topk", "sort", "topk"]
+  assert out["sorts"][2]["elements"] == 2 * 90 * 300
 
 
 def test_custom_call_convolutions_are_counted():

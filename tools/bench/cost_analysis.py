@@ -16,17 +16,20 @@ local backend, and prints one JSON object per step:
   `compiled.memory_analysis()` (arguments, outputs, aliased (donated)
   buffers, temporaries; `peak_estimate` = arguments + outputs - aliased +
   temporaries), and the same census on the optimised module. Note: XLA's
-  CPU backend computes bfloat16 convolutions and dots in float32 (it
-  inserts converts), so on the CPU the compiled census shows float32 where
-  a GPU runs bfloat16; the lowered census shows the program's dtypes.
+  CPU backend computes bfloat16 convolutions, dots and elementwise ops in
+  float32 (it inserts converts), so on the CPU the compiled census and
+  bytes show float32 where a GPU runs bfloat16; the lowered census shows
+  the program's dtypes.
 - `flops_per_image`: lowered FLOPs / batch.
 - `saved_for_backward` (train): the bytes by dtype of what the program
   keeps from the forward pass for the backward pass (see
   `saved_for_backward`).
 
-Both numbers are XLA's own cost model: FLOPs count 2 per multiply-add, and
-loops (the NMS `while`) are counted once per iteration of their body as
-written, not per trip.
+FLOPs and bytes are XLA's own cost model: 2 FLOPs per multiply-add; a
+`while` loop's body (the NMS) may be counted once rather than per trip (it
+does no matrix work, so the FLOPs hardly change). The census computes conv
+FLOPs from the shapes over full windows (padding included), a few percent
+above XLA's count.
 
 `mfu_fields` (used by the GPU benchmark) turns a step's FLOPs and measured
 time into TFLOP/s and MFU against a stated peak.

@@ -245,13 +245,12 @@ def analyze(text, top=12):
         loops.append({"region": " ".join(region_of(inst["op_name"])),
                       "known_trip_count": int(trips.group(1)) if trips
                                           else None})
-      if inst["opcode"] == "sort" or (
+      if inst["opcode"] in ("sort", "topk") or (
           inst["opcode"] == "custom-call" and
           re.search(r'custom_call_target="[^"]*(?i:topk|sort)', inst["attrs"])):
         first = shapes.get(inst["operands"][0]) if inst["operands"] else None
         dims = first[1] if first and first[1] else ()
-        sorts.append({"op": inst["opcode"] if inst["opcode"] == "sort" else
-                             "topk",
+        sorts.append({"op": "sort" if inst["opcode"] == "sort" else "topk",
                       "region": " ".join(region_of(inst["op_name"])),
                       "shape": list(dims), "elements": _product(dims)})
       kind = _kind(inst)
