@@ -11,7 +11,7 @@ What differs is the machinery:
   process (the model's variables are replicated, batches sharded on their
   first axis). Several hosts join through `keras.distribution.initialize`
   when a `KERAS_DISTRIBUTION_*` environment variable is set (the same
-  command on every host; see README). TensorFlow only reads and parses data
+  command on every host; see docs/engines.md). TensorFlow only reads and parses data
   on the host CPU: it is denied every accelerator.
 * Input: each process reads its own share of the training files
   (`input_pipeline_id = process_index`) and yields `global_batch /
