@@ -46,8 +46,9 @@ import tensorflow as tf
 from official_shapemask.weights import atomic
 from official_shapemask.weights import checkpoints
 from official_shapemask.weights import errors
+from official_shapemask.weights import paths
 
-CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_SUBDIR = paths.ORBAX_SUBDIR
 _STATE = "state"
 _META = "variables"
 _GROUPS = ("trainable", "non_trainable", "optimizer")
