@@ -253,7 +253,7 @@ def load_model_weights(model, path):
       # h5py: "Unable to synchronously open file (truncated file ...)",
       # a damaged object or dataset.
       raise ValueError(
-          f"weights file {path} cannot be read ({first_line(e)}); write it "
+          f"weights file {path} cannot be read ({errors.first_line(e)}); write it "
           "again (a JAX run writes it when it reaches its total steps) or "
           "give another one") from None
     except ValueError as e:
