@@ -4,15 +4,20 @@ A CPU run of a CUDA-enabled TensorFlow prints lines that read like failures
 but are not (`E ... cuda_platform.cc:51] failed call to cuInit`,
 `E ... oneDNN supports DT_INT64 only on platforms with AVX-512`, a `map_fn`
 deprecation notice from tf-models-official's decoder, absl INFO lines such as
-`functional_saver.py ... Sharding callback duration`). `install()`, called by
-`train.py` and the tools before TensorFlow is imported, removes exactly
-those:
+`functional_saver.py ... Sharding callback duration`); JAX on a machine
+without a TPU says it could not open `libtpu.so`, Orbax warns about the
+options of the read-only checkpoint manager that evaluation opens on
+purpose, and a TensorFlow run that moves an unreadable checkpoint aside
+gets a deprecation notice for the checkpoint-state call it uses.
+`install()`, called by `train.py` and the tools before TensorFlow is
+imported, removes exactly those:
 
 * `TF_CPP_MIN_LOG_LEVEL` defaults to 2 (TensorFlow's C++ INFO and WARNING
   lines off; its ERROR and FATAL lines still come);
 * Python log records below WARNING from code outside this repository
   (TensorFlow, Keras, absl, tf-models-official) are dropped, and the
-  `KNOWN_PYTHON_MESSAGES` warnings;
+  `KNOWN_PYTHON_MESSAGES` / `KNOWN_PYTHON_RECORDS` records at any level
+  (the latter also on the loggers in `EXTRA_LOGGERS`);
 * the process's stderr (file descriptor 2, where TensorFlow's C++ code
   writes) is passed through a small filter process that drops the C++ log
   lines in `KNOWN_NATIVE_LINES` and forwards everything else unchanged as it
@@ -68,6 +73,26 @@ KNOWN_PYTHON_MESSAGES = (
     "Use fn_output_signature instead",
 )
 
+# (pattern matched at the start of a record's message, why it is harmless).
+KNOWN_PYTHON_RECORDS = (
+    (r"Unable to initialize backend 'tpu': .*Failed to open libtpu\.so",
+     "JAX looks for a TPU first (logged at INFO by jax._src.xla_bridge); "
+     "without libtpu.so it uses the GPUs or the CPU"),
+    (r"CheckpointManagerOptions\.read_only=True, setting \w+=\w+\.$",
+     "Orbax turns the saving options of a read-only checkpoint manager "
+     "off; the JAX engine opens one on purpose to read checkpoints"),
+    (r"Given directory is read only=",
+     "the same read-only Orbax manager names its directory"),
+    (r"From \S+: update_checkpoint_state \(from tensorflow\.python\."
+     r"checkpoint\.checkpoint_management\) is deprecated",
+     "weights/checkpoints.py rewrites the checkpoint list after moving an "
+     "unreadable checkpoint aside; tf.train.CheckpointManager has no call "
+     "for it"),
+)
+# Loggers that log known records directly (a logger's filter applies only
+# to its own records, not to those of its children).
+EXTRA_LOGGERS = ("jax._src.xla_bridge",)
+
 _NATIVE_RE = re.compile(
     _NATIVE_PREFIX + "(?:" + "|".join(p for p, _ in KNOWN_NATIVE_LINES) + ")")
 # A partial line that may still become a native log line is held back.
@@ -91,16 +116,36 @@ def is_known_native_line(line):
   return bool(_NATIVE_RE.search(line.rstrip("\r")))
 
 
+_KNOWN_RECORD_RE = re.compile(
+    "|".join(f"(?:{p})" for p, _ in KNOWN_PYTHON_RECORDS), re.MULTILINE)
+
+
+def is_known_python_message(message):
+  """Whether a log record's message (any level) is known noise."""
+  return any(known in message for known in KNOWN_PYTHON_MESSAGES) or bool(
+      _KNOWN_RECORD_RE.match(message))
+
+
 class PythonNoiseFilter(logging.Filter):
-  """Drops INFO/DEBUG records of other packages and the known warnings."""
+  """Drops the known records and, with `drop_info`, the INFO/DEBUG records
+  of other packages."""
+
+  def __init__(self, drop_info=True):
+    super().__init__()
+    self.drop_info = drop_info
 
   def filter(self, record):
-    if record.levelno < logging.WARNING:
+    try:
+      message = record.getMessage()
+    except (TypeError, ValueError):
+      message = str(record.msg)
+    if is_known_python_message(message):
+      return False
+    if self.drop_info and record.levelno < logging.WARNING:
       path = os.path.abspath(record.pathname or "")
       return path.startswith(_REPO_ROOT + os.sep) and (
           os.sep + "site-packages" + os.sep not in path)
-    message = record.getMessage()
-    return not any(known in message for known in KNOWN_PYTHON_MESSAGES)
+    return True
 
 
 def filter_stream(in_fd, out_fd, hold_seconds=_HOLD_SECONDS):
@@ -213,6 +258,9 @@ def install():
   noise = PythonNoiseFilter()
   for name in ("absl", "tensorflow", "keras", "root"):
     logging.getLogger(None if name == "root" else name).addFilter(noise)
+  known_only = PythonNoiseFilter(drop_info=False)
+  for name in EXTRA_LOGGERS:
+    logging.getLogger(name).addFilter(known_only)
   _start_native_filter()
   return True
 

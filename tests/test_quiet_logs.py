@@ -188,3 +188,116 @@ def test_tensorflow_run_is_quiet_and_its_errors_show(tmp_path):
   assert proc.returncode == 1
   assert not tensorflow_log_lines(proc.stderr), proc.stderr[-3000:]
   assert "NotFoundError" in proc.stderr and str(missing) in proc.stderr
+
+
+# The records below are the ones a JAX run of train.py (libtpu, Orbax) and a
+# TensorFlow resume past an unreadable checkpoint printed on this project's
+# CPU machine before they were filtered (message text as logged).
+LIBTPU = ("Unable to initialize backend 'tpu': INTERNAL: Failed to open "
+          "libtpu.so: libtpu.so: cannot open shared object file: No such "
+          "file or directory")
+ORBAX_READ_ONLY = (
+    "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.",
+    "CheckpointManagerOptions.read_only=True, setting create=False.",
+    "CheckpointManagerOptions.read_only=True, setting max_to_keep=None.",
+    "Given directory is read only=/tmp/run/checkpoints")
+TF_STATE_DEPRECATION = (
+    "From /work/official_shapemask/weights/checkpoints.py:371: "
+    "update_checkpoint_state (from tensorflow.python.checkpoint."
+    "checkpoint_management) is deprecated and will be removed in a future "
+    "version.\nInstructions for updating:\nUse `tf.train.CheckpointManager` "
+    "to manage checkpoints rather than manually editing the Checkpoint "
+    "proto.")
+
+
+def test_known_python_records_and_their_neighbours():
+  def record(level, message, name="absl"):
+    return logging.LogRecord(name, level, "/x/site-packages/y.py", 1, message,
+                             None, None)
+
+  noise = quiet_logs.PythonNoiseFilter()
+  known_only = quiet_logs.PythonNoiseFilter(drop_info=False)
+  for message in ORBAX_READ_ONLY + (TF_STATE_DEPRECATION,):
+    assert not noise.filter(record(logging.WARNING, message)), message
+  assert not known_only.filter(record(logging.INFO, LIBTPU, "jax._src"))
+  for message in (
+      # Orbax refusing a save or a delete would be a bug of ours: it shows.
+      "/tmp/run/checkpoints is read only, save will be skipped",
+      "CheckpointManagerOptions.read_only=True, setting",
+      # Another backend failing, another deprecated call: they show.
+      "Unable to initialize backend 'cuda': no GPU driver",
+      "From x.py:1: remove_checkpoint (from tensorflow.python.checkpoint."
+      "checkpoint_management) is deprecated",
+      "a real warning mentioning libtpu.so"):
+    assert noise.filter(record(logging.WARNING, message)), message
+    assert known_only.filter(record(logging.INFO, message, "jax._src"))
+  # The known-only filter keeps other INFO lines (the others drop them).
+  assert known_only.filter(record(logging.INFO, "compiled in 3 s"))
+  assert not noise.filter(record(logging.INFO, "compiled in 3 s"))
+
+
+_JAX_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    from absl import app
+    from official_shapemask import help_flags, quiet_logs
+    quiet_logs.install()
+
+    def main(argv):
+      model_dir = argv[1]
+      import jax
+      print("devices", jax.devices(), flush=True)  # Looks for a TPU first.
+      import tensorflow as tf
+      from official_shapemask.weights import checkpoints, jax_checkpoints
+      # Evaluation's read-only Orbax manager (train_step: unused to list).
+      os.makedirs(os.path.join(model_dir, "checkpoints"))
+      manager = jax_checkpoints.CheckpointManager(model_dir, None,
+                                                  read_only=True)
+      print("orbax steps", manager.all_steps(), flush=True)
+      # A TensorFlow resume that moves an unreadable checkpoint aside.
+      tf_dir = os.path.join(model_dir, "tf")
+      ckpt = tf.train.Checkpoint(v=tf.Variable(1.0))
+      saver = tf.train.CheckpointManager(ckpt, tf_dir, max_to_keep=3)
+      saver.save()
+      newest = saver.save()
+      data = tf.io.gfile.glob(newest + ".data-*")[0]
+      with open(data, "r+b") as f:
+        f.truncate(2)
+      restored = checkpoints.restore_newest_readable(
+          ckpt, tf_dir, move_unreadable=True, print_fn=None)
+      print("restored", os.path.basename(restored), flush=True)
+
+    help_flags.run(main)
+""")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_jax_orbax_and_tf_resume_records_are_quiet(tmp_path, verbose):
+  """libtpu.so, Orbax's read-only options and the checkpoint-state notice
+  come from the very calls the engines make; only they are dropped."""
+  pytest.importorskip("jax")
+  pytest.importorskip("orbax.checkpoint")
+  script = tmp_path / "engine.py"
+  script.write_text(_JAX_SCRIPT.format(repo=str(REPO_ROOT)))
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", quiet_logs.VERBOSE_ENV,
+                      "JAX_PLATFORMS")}  # Unset: JAX tries the TPU first.
+  env.update(KERAS_BACKEND="jax", PYTHONPATH=str(REPO_ROOT),
+             CUDA_VISIBLE_DEVICES="")
+  if verbose:
+    env[quiet_logs.VERBOSE_ENV] = "1"
+  proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")],
+                        env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "orbax steps []" in proc.stdout
+  assert "restored ckpt-1" in proc.stdout
+  err = proc.stderr
+  lines = ("Failed to open libtpu.so", "read_only=True, setting",
+           "Given directory is read only=", "update_checkpoint_state")
+  if verbose:  # The calls above do print them.
+    for line in lines:
+      assert line in err, (line, err[-3000:])
+  else:
+    for line in lines:
+      assert line not in err, (line, err[-3000:])

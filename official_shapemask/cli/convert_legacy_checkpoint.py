@@ -27,6 +27,7 @@ Example:
 
 import json
 import os
+import sys
 
 from absl import flags
 

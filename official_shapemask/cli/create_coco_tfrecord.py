@@ -8,8 +8,12 @@ included. Example (from the repository root):
     --object_annotations_file=../shared/data/coco_tiny160/annotations/instances_val2017.json \
     --output_file_prefix=out/val --num_shards=4
 
-Writes ``out/val-0000{0..3}-of-00004.tfrecord`` and ``out/val_label_map.json``.
-Bad input stops the run with a one-line error and exit status 1.
+Writes ``out/val-0000{0..3}-of-00004.tfrecord`` and ``out/val_label_map.json``
+(``train.py`` checks its category ids against ``NUM_CLASSES`` before it
+starts). Bad input stops the run with a one-line error and exit status 1; an
+image file listed twice under two image ids is bad input (name both ids).
+EXIF orientation tags are ignored: COCO annotations refer to the stored
+pixels, and the records keep them as stored.
 """
 
 import sys

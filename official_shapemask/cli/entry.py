@@ -14,9 +14,12 @@ import sys
 from absl import app
 from absl import flags
 
+from official_shapemask import help_flags
+
 
 def run(main, module_name):
-  """`app.run(main)` with the help of module `module_name`.
+  """`app.run(main)` with the help of module `module_name`; `--help` exits
+  0 (`help_flags.parse_flags`).
 
   Args:
     main: the program's `main(argv)`.
@@ -29,4 +32,4 @@ def run(main, module_name):
     launcher.__doc__ = module.__doc__
     for flag in flags.FLAGS.get_key_flags_for_module(module_name):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(main)
+  app.run(main, flags_parser=help_flags.parse_flags)

@@ -5,7 +5,9 @@ r"""Exports a trained ShapeMask checkpoint as a SavedModel for serving.
       --checkpoint=/tmp/run --export_dir=/tmp/run/saved_model
 
 Use the gin files and bindings of the training run (its
-`model_dir/config.gin` works as the only --gin_file). --checkpoint is a
+`model_dir/config.gin` works as the only --gin_file; a gin file is code, its
+`import` lines import Python modules, so give only configs you trust).
+--checkpoint is a
 checkpoint prefix (`.../ckpt-200`), a model directory (latest checkpoint) or
 a whole model's Keras weights file; a model directory of the JAX engine
 (`KERAS_BACKEND=jax python train.py`) gives its newest

@@ -18,10 +18,17 @@ Writes, in --output_dir:
     boxes, and `class name: score` tags; an image whose short side is below
     --min_short_side is drawn enlarged by an integer factor (masks by pixel
     replication; the long side at most 2048 px), so the tags stay legible;
+    a photo with an EXIF orientation tag (a phone's portrait shot) is drawn
+    upright, turned as viewers display it;
   coco_results.json: COCO results of every valid detection (all scores, as
     COCO evaluation expects): image_id, category_id, bbox [x, y, w, h] in
     original-image pixels, score, segmentation (compressed RLE);
   image_ids.json: {image file: image_id}.
+Frames: the model sees the image file's stored pixels, as TensorFlow
+decodes them (EXIF orientation ignored, like the SavedModel's image_bytes
+signature, the COCO converter and COCO's own annotations), and
+coco_results.json is in that stored-pixel frame (height x width of the
+stored pixels); only the PNG is turned by the EXIF orientation.
 image_id: the file name's stem as an integer when every matched file's stem
 is a decimal number (COCO names such as 000000532481.jpg -> 532481);
 otherwise the 1-based position of the file in the sorted list of matches.
@@ -89,6 +96,28 @@ IMAGE_IDS_FILE = 'image_ids.json'
 
 class PredictError(Exception):
   """Bad input; the message names the flag, file or image."""
+
+
+def check_output_dir(output_dir):
+  """Raises PredictError when `--output_dir` cannot be a directory.
+
+  Checked before the model is loaded: the path is a file, or a file stands
+  where one of its parent directories must be. Creates nothing.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = output_dir.rstrip('/') or '/'
+  while path:
+    if tf.io.gfile.exists(path):
+      if not tf.io.gfile.isdir(path):
+        what = ('is a file' if path == output_dir.rstrip('/') else
+                f'cannot be created: {path} is a file')
+        raise PredictError(f'--output_dir={output_dir} {what}; give a '
+                           f'directory (created when missing).')
+      return
+    parent = os.path.dirname(path)
+    if parent == path:
+      return
+    path = parent
 
 
 def list_images(pattern):
@@ -191,13 +220,20 @@ def run(paths, predictor, output_dir, score_threshold, label_map,
         print_fn=print, min_short_side=480):
   """Predicts every image; writes the PNGs and the JSON files."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from official_shapemask.serving import exif_orientation  # pylint: disable=g-import-not-at-top
   from official_shapemask.serving import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   from official_shapemask.serving import visualize  # pylint: disable=g-import-not-at-top
   image_ids, id_rule = assign_image_ids(paths)
   names = output_names(paths)
   print_fn(f'{len(paths)} images; image_id from {id_rule}; model: '
            f'{predictor.source}')
-  tf.io.gfile.makedirs(output_dir)
+  check_output_dir(output_dir)
+  try:
+    tf.io.gfile.makedirs(output_dir)
+  except (tf.errors.OpError, OSError) as e:
+    message = getattr(e, 'message', None) or str(e)
+    raise PredictError(f'--output_dir={output_dir} cannot be created: '
+                       f'{message.splitlines()[0]}') from None
   batch = predictor.batch_size or 1
   results = []
   start = time.perf_counter()
@@ -207,18 +243,25 @@ def run(paths, predictor, output_dir, score_threshold, label_map,
     outputs = predictor.predict_bytes([d[0] for d in decoded])
     for j, i in enumerate(chunk):
       detections = predictor_lib.image_detections(outputs, j)
+      # The results stay in the stored pixels' frame (COCO's).
       results.extend(predictor_lib.coco_results(image_ids[i], detections))
       shown = detections['scores'] >= score_threshold
-      overlay = visualize.draw_detections(
+      # The overlay is drawn the way viewers display the photo.
+      orientation = exif_orientation.read(decoded[j][0])
+      image, boxes, masks = exif_orientation.to_display(
           decoded[j][1], detections['boxes'][shown],
-          detections['classes'][shown], detections['scores'][shown],
-          detections['masks'][shown], label_map=label_map,
+          detections['masks'][shown], orientation)
+      overlay = visualize.draw_detections(
+          image, boxes, detections['classes'][shown],
+          detections['scores'][shown], masks, label_map=label_map,
           min_short_side=min_short_side)
       out_path = os.path.join(output_dir, names[i])
       write_png(out_path, overlay)
+      turned = (f' (drawn upright: EXIF orientation {orientation}; results '
+                f'in the stored pixels)' if orientation != 1 else '')
       print_fn(f'[{i + 1}/{len(paths)}] {paths[i]}: '
                f'{len(detections["scores"])} detections, {int(shown.sum())} '
-               f'>= {score_threshold:g} -> {out_path}')
+               f'>= {score_threshold:g} -> {out_path}{turned}')
   results_path = os.path.join(output_dir, RESULTS_FILE)
   _write_atomic(results_path, json.dumps(results).encode('utf-8'))
   ids_path = os.path.join(output_dir, IMAGE_IDS_FILE)
@@ -242,6 +285,7 @@ def main(argv):
     raise app.UsageError('--min_short_side must be >= 0')
   from official_shapemask.serving import label_map as label_map_lib  # pylint: disable=g-import-not-at-top
   try:
+    check_output_dir(FLAGS.output_dir)  # Before the model loads.
     paths = list_images(FLAGS.images)
     label_map = (label_map_lib.load_label_map(FLAGS.label_map)
                  if FLAGS.label_map else None)

@@ -7,7 +7,11 @@ features (tested). What this module adds:
 
 - validation with named errors (:class:`ConversionError`): malformed JSON,
   missing / undecodable image files, image size that disagrees with the JSON,
-  annotations naming an unknown image or category, malformed RLE;
+  annotations naming an unknown image or category, malformed RLE, an image
+  file listed twice under two ids (an error, not a warning: its two records
+  would each claim that the other one's objects are background, and no
+  choice of the converter can tell which id the user's evaluation JSON
+  means);
 - masks from every COCO segmentation form: polygons, uncompressed RLE and
   compressed RLE, crowd or not (Model Garden crashes on compressed RLE and on
   RLE for non-crowd instances);
@@ -23,6 +27,15 @@ features (tested). What this module adds:
 - atomic output: shards are written under a temporary directory inside the
   output directory and renamed only once all of them are complete;
 - parallel encoding, a progress bar, a label map and a closing summary.
+
+EXIF orientation is ignored, on purpose. COCO's annotations (polygons,
+RLE, boxes, and the image ``height``/``width``) refer to the pixels as they
+are stored in the file, which is also what TensorFlow's decoders give the
+parser; turning an image by its EXIF tag would move every annotation off its
+object. So a JPEG is kept byte for byte (tag included) and every other
+image is re-encoded from its stored pixels, and the size check compares the
+stored size with the JSON (its error says when the JSON gives the size the
+image is displayed at). ``tools/predict.py`` turns its drawings only.
 
 Record schema (reference §7.1), one ``tf.train.Example`` per image:
 
@@ -76,6 +89,7 @@ SHOWN_DROPPED_IDS = 5
 _SPILL_TOLERANCE = 1.0
 
 _JPEG_REENCODE_QUALITY = 95
+_EXIF_ORIENTATION = 274  # The EXIF orientation tag (ignored; see above).
 
 
 class ConversionError(ValueError):
@@ -104,8 +118,8 @@ def load_coco_annotations(object_annotations_file):
 
   Raises:
     ConversionError: the file is missing or not valid JSON, a required key is
-      missing, ids are duplicated, or an annotation names an unknown image
-      or category.
+      missing, ids are duplicated, an image file is listed under two ids,
+      or an annotation names an unknown image or category.
   """
   path = object_annotations_file
   try:
@@ -145,6 +159,7 @@ def load_coco_annotations(object_annotations_file):
 
   images = []
   image_ids = set()
+  id_of_file = {}
   for image in data['images']:
     if not isinstance(image, dict):
       raise ConversionError(f'{path}: image entry {image!r} is not an object')
@@ -161,6 +176,14 @@ def load_coco_annotations(object_annotations_file):
       raise ConversionError(f'{path}: image id {image_id} has no "file_name"')
     if image_id in image_ids:
       raise ConversionError(f'{path}: duplicate image id {image_id}')
+    file_key = os.path.normpath(image['file_name'])
+    if file_key in id_of_file:
+      raise ConversionError(
+          f'{path}: image file {image["file_name"]!r} is listed twice, as '
+          f'image id {id_of_file[file_key]} and image id {image_id}: each '
+          f'listing would be a training example labelled without the other '
+          f"one's objects. Keep one entry and give it all the annotations")
+    id_of_file[file_key] = image_id
     image_ids.add(image_id)
     images.append(image)
 
@@ -337,7 +360,7 @@ def _read_image(path, height, width, image_id):
         raise ConversionError(
             f'image file {path} (image id {image_id}) is '
             f'{image.size[1]}x{image.size[0]} (HxW) but the JSON says '
-            f'{height}x{width}')
+            f'{height}x{width}{_orientation_hint(image, height, width)}')
       if image_format in ('JPEG', 'MPO') and image.mode == 'RGB':
         return data, 'jpg'
       if image_format == 'PNG' and image.mode == 'RGB':
@@ -355,6 +378,19 @@ def _read_image(path, height, width, image_id):
     return out.getvalue(), 'jpg'
   rgb.save(out, format='PNG')
   return out.getvalue(), 'png'
+
+
+def _orientation_hint(image, height, width):
+  """Why the sizes may differ: the JSON gives the EXIF-turned size."""
+  try:
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+  except Exception:  # pylint: disable=broad-except
+    return ''
+  if orientation in (5, 6, 7, 8) and image.size == (height, width):
+    return (f' (the size it is displayed at, turned by its EXIF orientation '
+            f'{orientation}; COCO sizes and annotations refer to the stored '
+            f'pixels, which the converter keeps)')
+  return ''
 
 
 def _to_rgb(image):

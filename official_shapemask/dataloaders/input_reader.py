@@ -1,7 +1,8 @@
 """tf.data input pipeline for ShapeMask TFRecords (spec section 7.3, reader).
 
 Pipeline: list files -> shard by ``tf.distribute.InputContext`` -> parallel
-interleave of ``TFRecordDataset`` -> (cache) -> shuffle -> repeat (training)
+interleave of ``TFRecordDataset`` (each record paired with its file name when
+the parser takes ``source_file``) -> (cache) -> shuffle -> repeat (training)
 -> parallel map of the parser with a per-element stateless seed -> batch ->
 prefetch. Every batch has static shapes.
 
@@ -238,9 +239,9 @@ def shard_files(files, input_context=None):
   return list(files)[input_context.input_pipeline_id::num]
 
 
-def _accepts_seed(parser):
+def _accepts(parser, argument):
   try:
-    return 'seed' in inspect.signature(parser).parameters
+    return argument in inspect.signature(parser).parameters
   except (TypeError, ValueError):
     return False
 
@@ -288,9 +289,11 @@ def build_dataset(file_pattern,
 
   Args:
     file_pattern: glob(s) of TFRecord files (see ``list_files``).
-    parser: callable ``parser(serialized, seed=None) -> (image, labels)``,
-      normally ``shapemask_parser.Parser``; a callable without a ``seed``
-      argument is called with the record only.
+    parser: callable ``parser(serialized, seed=None, source_file=None) ->
+      (image, labels)``, normally ``shapemask_parser.Parser``; ``seed`` and
+      ``source_file`` (the record's file, a tf.string scalar: each file's
+      records are paired with its name before the files are interleaved)
+      are passed only to a callable that takes them.
     batch_size: per-replica batch size (the leading dimension of each
       element). Under ``tf.distribute`` pass
       ``input_context.get_per_replica_batch_size(global_batch)``.
@@ -323,8 +326,16 @@ def build_dataset(file_pattern,
   dataset = tf.data.Dataset.from_tensor_slices(files)
   if is_training:
     dataset = dataset.shuffle(len(files), seed=seed)
+  with_file = _accepts(parser, 'source_file')
+
+  def read_file(path):
+    records = tf.data.TFRecordDataset(path)
+    if with_file:  # Each record carries its file, for error messages.
+      records = records.map(lambda record: (record, path))
+    return records
+
   dataset = dataset.interleave(
-      tf.data.TFRecordDataset,
+      read_file,
       cycle_length=max(1, min(cycle_length, len(files))),
       num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=deterministic or not is_training)
@@ -334,13 +345,20 @@ def build_dataset(file_pattern,
     dataset = dataset.shuffle(shuffle_buffer, seed=seed)
     dataset = dataset.repeat()
 
-  if _accepts_seed(parser):
+  def parse(element, **kwargs):
+    if with_file:
+      element, kwargs['source_file'] = element
+    return parser(element, **kwargs)
+
+  if _accepts(parser, 'seed'):
     # One stateless seed pair per example: reproducible under parallel map.
     seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
     dataset = tf.data.Dataset.zip((dataset, seeds))
-    parse_fn = lambda record, pair: parser(record, seed=pair)
+    parse_fn = lambda element, pair: parse(element, seed=pair)
+  elif with_file:
+    parse_fn = lambda record, path: parse((record, path))
   else:
-    parse_fn = parser
+    parse_fn = parse
   dataset = dataset.map(parse_fn, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=deterministic or not is_training)
 

@@ -28,6 +28,7 @@ import tensorflow as tf
 from official.vision.ops import box_ops
 from official.vision.ops import preprocess_ops
 from official_shapemask.dataloaders import anchor_labeler
+from official_shapemask.dataloaders import class_ids
 from official_shapemask.dataloaders import image_ops
 from official_shapemask.dataloaders import tf_example_decoder
 
@@ -147,9 +148,11 @@ def _source_id_to_int(source_id):
 class Parser:
   """Parses serialized ShapeMask tf.Examples into model inputs.
 
-  Call ``parser(serialized, seed=None)``; ``seed`` is an optional int
-  ``[2]`` tensor for the stateless random ops of training (the input reader
-  passes one per element). Without it, a parser built with ``seed=s`` derives
+  Call ``parser(serialized, seed=None, source_file=None)``; ``seed`` is an
+  optional int ``[2]`` tensor for the stateless random ops of training (the
+  input reader passes one per element), ``source_file`` an optional
+  tf.string scalar naming the record's file (the input reader passes it; it
+  only appears in the class-id error). Without it, a parser built with ``seed=s`` derives
   the per-example seed from ``s`` and a hash of the record (reproducible);
   a parser built with ``seed=None`` draws one at random.
 
@@ -194,6 +197,10 @@ class Parser:
       an image with at least one instance (so padded slots of
       ``'pad_2020'`` count as all-background targets) and 0 otherwise.
     use_bfloat16: cast the image to bfloat16.
+    num_classes: the model's class slots (background 0 included); when
+      given, a record with a category id outside ``[0, num_classes)`` fails
+      with an ``InvalidArgumentError`` naming the id, the image and
+      ``source_file`` (``class_ids.check_in_graph``). None: no check.
     mode: 'train' or 'eval'.
     seed: optional python int, see above.
   """
@@ -220,6 +227,7 @@ class Parser:
                mask_train_class='all',
                mask_sampler='pad_2020',
                use_bfloat16=False,
+               num_classes=None,
                mode='train',
                seed=None):
     if isinstance(output_size, int):
@@ -258,6 +266,9 @@ class Parser:
     self._mask_train_class = mask_train_class
     self._mask_sampler = mask_sampler
     self._use_bfloat16 = use_bfloat16
+    if num_classes is not None and int(num_classes) < 1:
+      raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
+    self._num_classes = None if num_classes is None else int(num_classes)
     self._seed = seed
     self._decoder = tf_example_decoder.TfExampleDecoder()
     self._labeler = anchor_labeler.AnchorLabeler.from_config(
@@ -282,10 +293,14 @@ class Parser:
   def num_anchors(self):
     return self._labeler.num_anchors
 
-  def __call__(self, serialized, seed=None):
+  def __call__(self, serialized, seed=None, source_file=None):
     """Parses one serialized example; see the class docstring."""
     with tf.name_scope('shapemask_parser'):
       data = self._decoder.decode(serialized)
+      if self._num_classes is not None:
+        data['classes'] = class_ids.check_in_graph(
+            data['classes'], self._num_classes, data['source_id'],
+            source_file)
       if self._mode == 'train':
         return self._parse_train(data, self._resolve_seed(serialized, seed))
       return self._parse_eval(data)

@@ -9,12 +9,22 @@ full-size binary masks (pasted with the outer boxes, reference §9.6), and
 `coco_results` into COCO result dicts.
 """
 
+from google.protobuf import message as protobuf_message
 import numpy as np
 import tensorflow as tf
 
 from official_shapemask.evaluation import coco_utils
 from official_shapemask.evaluation import mask_paste
 from official_shapemask.serving import export
+from official_shapemask.serving import saved_model_files
+
+# What `tf.saved_model.load` raises for a damaged or incomplete export.
+_LOAD_ERRORS = (OSError, ValueError, IndexError, RuntimeError,
+                tf.errors.OpError, protobuf_message.DecodeError)
+
+
+class SavedModelError(ValueError):
+  """A SavedModel that does not load; the message names the file."""
 
 
 class Predictor:
@@ -35,11 +45,33 @@ class Predictor:
 
   @classmethod
   def from_saved_model(cls, export_dir):
-    """Loads an export of `tools/export_saved_model.py`."""
+    """Loads an export of `tools/export_saved_model.py`.
+
+    Raises:
+      FileNotFoundError: `export_dir` does not exist.
+      SavedModelError: it does not load; names the damaged file
+        (`saved_model_files.find_damage`).
+      ValueError: it has no `image_bytes` signature.
+    """
     if not tf.io.gfile.exists(export_dir):
       raise FileNotFoundError(f'SavedModel directory {export_dir} does not '
                               f'exist.')
-    loaded = tf.saved_model.load(export_dir)
+    if not tf.io.gfile.isdir(export_dir):
+      raise SavedModelError(f'SavedModel {export_dir} is a file; give the '
+                            f'directory tools/export_saved_model.py wrote.')
+    try:
+      loaded = tf.saved_model.load(export_dir)
+    except _LOAD_ERRORS as e:
+      damage = saved_model_files.find_damage(export_dir)
+      if damage:
+        path, why = damage
+        raise SavedModelError(
+            f'SavedModel {export_dir} cannot be loaded: {path} {why}; export '
+            f'it again (tools/export_saved_model.py)') from None
+      lines = (getattr(e, 'message', None) or str(e)).strip().splitlines()
+      raise SavedModelError(
+          f'SavedModel {export_dir} cannot be loaded: {type(e).__name__}: '
+          f'{lines[0] if lines else ""}') from None
     signatures = dict(loaded.signatures)
     if export.SIGNATURE_IMAGE_BYTES not in signatures:
       raise ValueError(

@@ -11,9 +11,11 @@ import inspect
 import os
 
 import gin
+from gin import config as gin_config
 import keras
 import tensorflow as tf
 
+from official_shapemask.dataloaders import class_ids
 from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
@@ -34,11 +36,20 @@ from official_shapemask.training import train_loop
 
 
 class InvalidInputError(ValueError):
-  """A setting names a file that is missing, corrupt or does not fit."""
+  """A setting names a file that is missing, corrupt or does not fit, or
+  holds a value it cannot take.
+
+  `message` is the one-line message (gin appends its call site to `str()`
+  of an error raised inside a configurable; see `create`).
+  """
+
+  def __init__(self, message):
+    super().__init__(message)
+    self.message = message
 
 
 def _require_records(pattern, setting, print_fn):
-  """The TFRecord files of `pattern`; skipped files are reported."""
+  """`(files, skipped)` of `pattern`; skipped files are reported."""
   if not pattern:
     raise InvalidInputError(f"{setting} is not set")
   try:
@@ -47,7 +58,18 @@ def _require_records(pattern, setting, print_fn):
     raise InvalidInputError(f"{setting}: {e}") from None
   for path in skipped:
     print_fn(f"{setting}={pattern!r}: skipping {path} (not a TFRecord file)")
-  return files
+  return files, skipped
+
+
+def _check_label_maps(files, skipped, setting):
+  """The converter's label maps beside `files` (or among the `skipped`
+  files the pattern matched) hold no id the model's `num_classes` lacks."""
+  try:
+    class_ids.check_label_maps(
+        files, int(_model_setting("num_classes")),
+        [p for p in skipped if p.endswith(class_ids.LABEL_MAP_SUFFIX)])
+  except ValueError as e:
+    raise InvalidInputError(f"{setting}: {e}") from None
 
 
 def check_record_files(pattern, setting):
@@ -62,7 +84,9 @@ def check_record_files(pattern, setting):
 
 
 def data_error(error, pattern, setting):
-  """An `InvalidInputError` naming the shard behind a tf.data record error.
+  """An `InvalidInputError` naming the shard behind a tf.data record error,
+  or the category id, image and shard of a record whose class id does not
+  fit the model (the parser's `class_ids.check_in_graph`).
 
   Args:
     error: the `tf.errors.OpError` a dataset of `pattern` raised.
@@ -72,6 +96,9 @@ def data_error(error, pattern, setting):
   Returns:
     the error to raise, or None when `error` is not a damaged-record error.
   """
+  bad_class = class_ids.describe_error(error)
+  if bad_class is not None:
+    return InvalidInputError(f"{setting}: {bad_class}")
   if input_reader.record_error_offset(error) is None:
     return None
   files = input_reader.list_files(pattern)
@@ -85,6 +112,56 @@ def data_error(error, pattern, setting):
       f"{setting}={pattern!r}: a TFRecord file is damaged "
       f"({errors.first_line(error)}), but no single file fails there "
       f"when read alone")
+
+
+def setting_name(configurable, param):
+  """How the user sets `configurable.param`: `MACRO (Experiment.param)` when
+  its unscoped gin binding is a macro, else `Experiment.param`.
+
+  Args:
+    configurable: the configurable's name as gin files write it
+      (`Experiment`).
+    param: the parameter name.
+  """
+  name = f"{configurable}.{param}"
+  macro_suffix = "/gin.macro"
+  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    if scope or selector.rsplit(".", 1)[-1] != configurable:
+      continue
+    value = params.get(param)
+    if isinstance(value, gin_config.ConfigurableReference) and (
+        value.scoped_selector.endswith(macro_suffix)):
+      return f"{value.scoped_selector[:-len(macro_suffix)]} ({name})"
+  return name
+
+
+def positive_setting(value, param, configurable="Experiment",
+                     optional=False):
+  """`value` as an int, after checking it is a positive whole number.
+
+  Args:
+    value: the bound value (gin parses `64` as int, `1e4` as float).
+    param: the parameter's name, for the message.
+    configurable: whose parameter it is, for the message.
+    optional: None is allowed (and returned).
+
+  Raises:
+    InvalidInputError: one line naming the gin setting (its macro when it
+      is bound through one, e.g. `TRAIN_BATCH_SIZE (Experiment.
+      train_batch_size)`) and the value.
+  """
+  if value is None and optional:
+    return None
+  whole = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      float(value).is_integer())
+  if not whole or value < 1:
+    name = setting_name(configurable, param)
+    macro = name.split(" ", 1)[0]
+    unset = " (or None)" if optional else ""
+    raise InvalidInputError(
+        f"{macro}={value!r}{name[len(macro):]}: must be a positive whole "
+        f"number{unset}")
+  return int(value)
 
 
 def _model_setting(name):
@@ -158,7 +235,9 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   are skipped, saying so), the shape-prior file (readable, class
   count equal to the model's `num_classes`, prior size equal to its
   `mask_crop_size`; a remote one is copied to the local cache first, see
-  `shape_prior_files`) and the init checkpoint (`validate_init_checkpoint`).
+  `shape_prior_files`), the init checkpoint (`validate_init_checkpoint`)
+  and, last, the converter's label maps beside the data (no category id at
+  or above `num_classes`).
 
   Also checks the choice settings `build_momentum_optimizer.momentum_form`
   and `build_shapemask_model.l2_variables`.
@@ -167,10 +246,13 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
     InvalidInputError: naming the setting and the path (or value).
   """
   _check_choices()
+  data = {}
   if mode in ("train", "train_and_eval"):
-    _require_records(train_file_pattern, "train_file_pattern", print_fn)
+    data["train_file_pattern"] = _require_records(
+        train_file_pattern, "train_file_pattern", print_fn)
   if mode in ("eval", "train_and_eval"):
-    _require_records(eval_file_pattern, "eval_file_pattern", print_fn)
+    data["eval_file_pattern"] = _require_records(
+        eval_file_pattern, "eval_file_pattern", print_fn)
   prior_path = _model_setting("shape_prior_path")
   if prior_path:
     try:
@@ -190,6 +272,10 @@ def validate_inputs(mode, train_file_pattern, eval_file_pattern,
   if init_checkpoint:
     validate_init_checkpoint(init_checkpoint, init_checkpoint_prefix,
                              init_checkpoint_modules)
+  # Last, so that a prior file made for another NUM_CLASSES is named as
+  # the more direct mismatch.
+  for setting, (files, skipped) in data.items():
+    _check_label_maps(files, skipped, setting)
 
 
 def check_per_replica_batch_size(per_replica_batch_size, train_batch_size):
@@ -257,6 +343,7 @@ def model_input_settings(model):
               aspect_ratios=tuple(anchors["aspect_ratios"]),
               anchor_size=anchors["anchor_size"],
               mask_crop_size=model.prior_head.mask_crop_size,
+              num_classes=model.head.get_config()["num_classes"],
               upsample_factor=model.fine_head.upsample_factor,
               outer_box_scale=model.outer_box_scale)
 
@@ -319,6 +406,20 @@ def build_momentum_optimizer(learning_rate=gin.REQUIRED, momentum=0.9,
       f"of {', '.join(repr(f) for f in MOMENTUM_FORMS)}")
 
 
+def create(model_dir, **kwargs):
+  """`Experiment(model_dir, **kwargs)` with its gin settings.
+
+  Raises:
+    InvalidInputError: a setting that is not a positive whole number, in
+      one line (without the "In call to configurable" line gin appends to
+      errors raised inside a configurable).
+  """
+  try:
+    return Experiment(model_dir, **kwargs)
+  except InvalidInputError as e:
+    raise InvalidInputError(e.message) from None
+
+
 @gin.configurable(denylist=["model_dir", "strategy_name", "tpu", "print_fn"])
 class Experiment:
   """Strategy, model, optimizer, checkpoints and data of one run.
@@ -342,11 +443,14 @@ class Experiment:
     eval_batch_size: evaluation batch size.
     total_steps: steps to train to (a resumed run continues to this step).
     steps_per_loop: steps per host call and per progress line.
-    checkpoint_every: steps between checkpoints (default: steps_per_loop).
-    eval_every: steps between evaluations in `train_and_eval` (default:
+    checkpoint_every: steps between checkpoints (None: steps_per_loop).
+    eval_every: steps between evaluations in `train_and_eval` (None:
       checkpoint_every).
     eval_samples: images evaluated (None = the whole evaluation set).
     max_checkpoints: checkpoints kept.
+      These sizes and counts are positive whole numbers (None where it
+      says so); another value is an `InvalidInputError` naming the gin
+      setting.
     init_checkpoint: checkpoint to start from when `model_dir` holds none
       (`RESNET_CHECKPOINT`): a ShapeMask checkpoint of ours, a Keras
       weights file, or a TF1 checkpoint / SavedModel of the seed's code
@@ -400,15 +504,22 @@ class Experiment:
     self.train_file_pattern = train_file_pattern
     self.eval_file_pattern = eval_file_pattern
     self.val_json_file = val_json_file
-    self.train_batch_size = int(train_batch_size)
+    # Sizes and step counts: checked once, here, where gin hands them over.
+    self.train_batch_size = positive_setting(train_batch_size,
+                                             "train_batch_size")
     self.per_replica_batch_size = per_replica_batch_size
-    self.eval_batch_size = int(eval_batch_size)
-    self.total_steps = int(total_steps)
-    self.steps_per_loop = int(steps_per_loop)
-    self.checkpoint_every = int(checkpoint_every or steps_per_loop)
-    self.eval_every = int(eval_every or self.checkpoint_every)
-    self.eval_samples = eval_samples
-    self.max_checkpoints = int(max_checkpoints)
+    self.eval_batch_size = positive_setting(eval_batch_size, "eval_batch_size")
+    self.total_steps = positive_setting(total_steps, "total_steps")
+    self.steps_per_loop = positive_setting(steps_per_loop, "steps_per_loop")
+    self.checkpoint_every = positive_setting(
+        checkpoint_every, "checkpoint_every",
+        optional=True) or self.steps_per_loop
+    self.eval_every = positive_setting(
+        eval_every, "eval_every", optional=True) or self.checkpoint_every
+    self.eval_samples = positive_setting(eval_samples, "eval_samples",
+                                         optional=True)
+    self.max_checkpoints = positive_setting(max_checkpoints,
+                                            "max_checkpoints")
     self.init_checkpoint = init_checkpoint
     self.init_checkpoint_modules = init_checkpoint_modules
     self.init_checkpoint_prefix = init_checkpoint_prefix

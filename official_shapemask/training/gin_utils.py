@@ -101,15 +101,28 @@ def _macro_references(value, out):
       _macro_references(v, out)
 
 
-def check_macros():
-  """Raises ConfigError for macros bound but unused, or used but unbound."""
+def _macros():
+  """The macros bound so far, and those some binding refers to."""
   defined, used = set(), set()
   for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
     if selector == _MACRO:
       defined.add(scope)
     for value in params.values():
       _macro_references(value, used)
-  unused = sorted(defined - used)
+  return defined, used
+
+
+def check_macros(used_by_files=()):
+  """Raises ConfigError for macros bound but unused, or used but unbound.
+
+  Args:
+    used_by_files: macros the gin files referred to before the command
+      line's bindings were applied; a binding that overrides such a
+      reference (`Experiment.eval_samples=8` beside `EVAL_SAMPLES = 5000`)
+      does not make the file's macro a misspelling.
+  """
+  defined, used = _macros()
+  unused = sorted(defined - used - set(used_by_files))
   undefined = sorted(used - defined)
   if undefined:
     raise ConfigError(f"gin macro(s) used but never bound: "
@@ -144,11 +157,13 @@ def parse_config(gin_files=(), gin_bindings=(), search_dirs=(GIN_DIR,)):
       gin.add_config_file_search_path(directory)
   try:
     with _quiet_include_probe():
-      gin.parse_config_files_and_bindings(files, list(gin_bindings),
+      gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+      _, used_by_files = _macros()
+      gin.parse_config_files_and_bindings([], list(gin_bindings),
                                           finalize_config=False)
   except SyntaxError as e:
     raise ConfigError(_syntax_error_message(e)) from None
   except (ValueError, IOError) as e:
     raise ConfigError(str(e)) from None
-  check_macros()
+  check_macros(used_by_files)
   return files

@@ -94,8 +94,8 @@ def run(mode, model_dir, strategy_name="one_device", tpu=None, eval_timeout=0,
   if mode not in ("train", "train_and_eval", "eval"):
     raise ValueError(f"unknown mode {mode!r}")
   backend = keras.backend.backend()
-  exp = experiment.Experiment(model_dir, strategy_name=strategy_name, tpu=tpu,
-                              print_fn=print_fn)
+  exp = experiment.create(model_dir, strategy_name=strategy_name, tpu=tpu,
+                          print_fn=print_fn)
   if backend == "jax":
     from official_shapemask.training import jax_engine  # pylint: disable=g-import-not-at-top
     exp = jax_engine.JaxExperiment(exp)

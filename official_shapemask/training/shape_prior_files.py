@@ -22,7 +22,7 @@ import gin
 import tensorflow as tf
 
 from official_shapemask.modeling import factory
-from official_shapemask.weights import tf1_checkpoints
+from official_shapemask.weights import errors, tf1_checkpoints
 
 # Seconds allowed for copying a remote prior file (it is 7.5 MB for COCO).
 COPY_TIMEOUT_S = tf1_checkpoints.OPEN_TIMEOUT_S
@@ -92,7 +92,7 @@ def local_copy(path, timeout_s=COPY_TIMEOUT_S):
   try:
     tf1_checkpoints.call_with_timeout(lambda: _copy(path, target), timeout_s,
                                       path)
-  except tf1_checkpoints.CheckpointTimeoutError:
+  except errors.CheckpointTimeoutError:
     raise UnreadablePriorsError(unreadable_message(
         path, f"not read within {timeout_s} s: no network access to it?"
     )) from None

@@ -46,6 +46,7 @@ import tensorflow as tf
 from official_shapemask.weights import atomic
 from official_shapemask.weights import checkpoints
 from official_shapemask.weights import errors
+from official_shapemask.weights import late_read_errors
 from official_shapemask.weights import paths
 
 CHECKPOINT_SUBDIR = paths.ORBAX_SUBDIR
@@ -104,6 +105,7 @@ def _quiet_failed_reads():
   its whole TensorStore spec) through `sys.unraisablehook`, about ten lines
   per array. The error that `restore` raises says it in one line.
   """
+  late_read_errors.install()  # Reads still in flight echo a failure later.
   previous = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
   try:

@@ -249,16 +249,16 @@ def restore(model, path, prefix=None, modules="backbone", print_fn=print):
   if wanted is None or "backbone" in wanted:
     check_backbone(path, shapes, prefix, depth)
   try:  # The table's paths: TensorFlow's object paths, as restore_partial.
-    paths = {id(v): p
-             for p, v in restore_report.model_variable_paths(model).items()}
+    object_paths = {id(v): p
+                    for p, v in restore_report.model_variable_paths(model).items()}
   except AttributeError:  # Another Keras backend: Keras' variable paths.
-    paths = {}
+    object_paths = {}
   report = restore_report.RestoreReport(restored=[], skipped=[])
   mismatched, used = [], set()
   found_in = {}  # module -> [found, missing names]
   assignments = []
   for entry in tf1_names.tf1_variables(model):
-    our_path = paths.get(id(entry.variable), entry.variable.path)
+    our_path = object_paths.get(id(entry.variable), entry.variable.path)
     if wanted is not None and entry.module not in wanted:
       continue
     key = _lookup(entry.name, prefix)
@@ -311,7 +311,7 @@ def restore(model, path, prefix=None, modules="backbone", print_fn=print):
     priors = getattr(model.prior_head, "shape_priors", None)
     if priors is not None:
       report.skipped.append(
-          (paths.get(id(priors), priors.path),
+          (object_paths.get(id(priors), priors.path),
            "not in TF1 checkpoints (comes from shape_prior_path)"))
   counts, other = _ignored_counts(set(shapes) - used)
   report.ignored = counts

@@ -495,3 +495,82 @@ def test_cli_writes_four_val_shards_and_reports_errors(tmp_path):
   assert 'bad.json: malformed JSON' in result.stderr
   assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'bad').exists()
+
+
+def test_image_listed_twice_under_two_ids_is_an_error(coco_tiny_root,
+                                                      tmp_path):
+  # The same file under a second id, without annotations: stored twice, one
+  # copy would teach that its objects are background.
+  data = _coco_subset(coco_tiny_root, 3)
+  first = data['images'][1]
+  copy = dict(first, id=999999001)
+  data['images'].append(copy)
+  json_file = _write_json(tmp_path / 'instances.json', data)
+  out_dir = tmp_path / 'out'
+  with pytest.raises(coco_tfrecord.ConversionError) as err:
+    coco_tfrecord.convert_coco_to_tfrecords(
+        str(coco_tiny_root / 'val2017'), json_file, str(out_dir / 'val'),
+        num_shards=2, show_progress=False)
+  message = str(err.value)
+  assert message.startswith(
+      f"{json_file}: image file '{first['file_name']}' is listed twice, as "
+      f"image id {first['id']} and image id 999999001"), message
+  assert '\n' not in message
+  assert _no_outputs_left(out_dir)
+  # The same file named another way (./name) is the same file.
+  copy['file_name'] = './' + first['file_name']
+  json_file = _write_json(tmp_path / 'instances.json', data)
+  with pytest.raises(coco_tfrecord.ConversionError, match='listed twice'):
+    coco_tfrecord.load_coco_annotations(json_file)
+
+
+def _jpeg_with_orientation(pixels, orientation):
+  exif = Image.Exif()
+  exif[274] = orientation
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format='JPEG', quality=95, exif=exif)
+  return out.getvalue()
+
+
+def test_exif_orientation_is_ignored_as_coco_annotations_are(coco_tiny_root,
+                                                             tmp_path):
+  """COCO annotations refer to the stored pixels: the record keeps them,
+  and a JSON that gives the displayed (turned) size is refused, saying
+  why."""
+  data = _coco_subset(coco_tiny_root, 1)
+  image = data['images'][0]
+  pixels = np.asarray(Image.open(coco_tiny_root / 'val2017' /
+                                 image['file_name']).convert('RGB'))
+  assert pixels.shape[0] != pixels.shape[1]
+  image_dir = tmp_path / 'images'
+  image_dir.mkdir()
+  encoded = _jpeg_with_orientation(pixels, 6)  # Displayed turned 90 deg.
+  (image_dir / image['file_name']).write_bytes(encoded)
+  with Image.open(io.BytesIO(encoded)) as check:
+    assert check.getexif()[274] == 6
+  prefix = str(tmp_path / 'out' / 'val')
+  coco_tfrecord.convert_coco_to_tfrecords(
+      str(image_dir), _write_json(tmp_path / 'ok.json', data), prefix,
+      num_shards=1, show_progress=False)
+  (record,) = _read_records(prefix + '-*').values()
+  assert record['image/encoded'][0] == encoded  # Kept byte for byte.
+  stored = tf.io.decode_image(encoded).numpy()
+  np.testing.assert_array_equal(
+      tf.io.decode_image(record['image/encoded'][0]).numpy(), stored)
+  assert stored.shape[:2] == (image['height'], image['width'])
+  # Every annotation is unchanged: it still lies on the stored pixels.
+  reference = _read_records(
+      coco_tfrecord.convert_coco_to_tfrecords(
+          str(coco_tiny_root / 'val2017'), str(tmp_path / 'ok.json'),
+          str(tmp_path / 'ref' / 'val'), num_shards=1,
+          show_progress=False)['shards'][0])[image['id']]
+  for key in OBJECT_KEYS:
+    assert record[key] == reference[key], key
+  # The size it is displayed at is not the size of the stored pixels.
+  image['height'], image['width'] = image['width'], image['height']
+  with pytest.raises(coco_tfrecord.ConversionError) as err:
+    coco_tfrecord.convert_coco_to_tfrecords(
+        str(image_dir), _write_json(tmp_path / 'turned.json', data),
+        str(tmp_path / 'out2' / 'val'), num_shards=1, show_progress=False)
+  assert 'turned by its EXIF orientation 6' in str(err.value)
+  assert 'refer to the stored pixels' in str(err.value)

@@ -108,7 +108,7 @@ def test_an_earlier_demo_folder_is_recognised(tmp_path):
   (other / "run" / "config.gin").write_text(
       "TRAIN_FILE_PATTERN = '/data/coco/train-*'\n")
   script = (
-      "import sys\nfrom tools import demo\n"
+      "import sys\nfrom official_shapemask.cli import demo\n"
       "for out in sys.argv[1:]:\n"
       "  try:\n"
       "    demo.check_output_dir(out, out + '/data/records')\n"

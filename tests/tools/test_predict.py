@@ -5,6 +5,7 @@ detects four boxes with masks above 0.5 on any image), exported with
 `export_saved_model`; the CLI runs on two real coco_tiny160 val images.
 """
 
+import io
 import json
 import os
 import pathlib
@@ -13,6 +14,8 @@ import shutil
 
 import cv2
 import numpy as np
+from PIL import Image
+from PIL import ImageOps
 import pytest
 import tensorflow as tf
 from pycocotools import coco as coco_api
@@ -20,6 +23,7 @@ from pycocotools import mask as mask_api
 
 from official_shapemask.cli import predict as predict_tool
 from official_shapemask.evaluation import coco_utils
+from official_shapemask.serving import exif_orientation
 from official_shapemask.serving import export
 from official_shapemask.serving import label_map as label_map_lib
 from official_shapemask.serving import predictor as predictor_lib
@@ -256,3 +260,194 @@ def test_extreme_aspect_ratio_images_run(saved_model, tmp_path):
   for result in results:
     x, y, w, h = result["bbox"]
     assert np.all(np.isfinite([x, y, w, h]))
+
+
+# ----------------------------------------------------------------------------
+# Bad output directories and damaged SavedModels: one line.
+
+
+def test_output_dir_that_is_a_file_is_one_line(saved_model, images_dir,
+                                               tmp_path):
+  a_file = tmp_path / "predictions"
+  a_file.write_text("not a directory")
+  result = helpers.run_tool(
+      "predict.py", f"--saved_model={saved_model}",
+      f"--images={images_dir}/*.jpg", f"--output_dir={a_file}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: --output_dir={a_file} is a file; give a directory (created "
+      "when missing).")
+  assert "Traceback" not in result.stderr
+  assert a_file.read_text() == "not a directory"
+  # A file where a parent directory must be: named, nothing created.
+  with pytest.raises(predict_tool.PredictError) as err:
+    predict_tool.check_output_dir(str(a_file / "sub" / "dir"))
+  assert str(err.value) == (
+      f"--output_dir={a_file / 'sub' / 'dir'} cannot be created: {a_file} "
+      "is a file; give a directory (created when missing).")
+  predict_tool.check_output_dir(str(tmp_path / "new" / "dir"))
+  assert not (tmp_path / "new").exists()
+
+
+_DAMAGE = {
+    "pb_truncated": ("saved_model.pb", "half",
+                     "does not parse (DecodeError: Error parsing message "
+                     "with type 'tensorflow.SavedModel': Wire format was "
+                     "corrupt)"),
+    "pb_empty": ("saved_model.pb", "empty",
+                 "holds no MetaGraph (0 bytes: empty or cut short)"),
+    "pb_missing": ("saved_model.pb", "delete", "is missing"),
+    "data_truncated": ("variables/variables.data-00000-of-00001", "half",
+                       "cannot be read (IndexError: Read less bytes than "
+                       "requested)"),
+    "data_overwritten": ("variables/variables.data-00000-of-00001", "flip",
+                         "cannot be read (OpError: TensorBundle at "),
+    "data_missing": ("variables/variables.data-00000-of-00001", "delete",
+                     "is missing"),
+    "index_truncated": ("variables/variables.index", "half",
+                        "cannot be read (OpError: not an sstable (bad magic "
+                        "number))"),
+    "index_missing": ("variables/variables.index", "delete", "is missing"),
+}
+
+
+def _damaged_copy(saved_model, tmp_path, case):
+  relative, how, why = _DAMAGE[case]
+  copy = tmp_path / "saved_model"
+  shutil.copytree(saved_model, copy)
+  path = copy / relative
+  raw = path.read_bytes()
+  if how == "delete":
+    path.unlink()
+  elif how == "empty":
+    path.write_bytes(b"")
+  elif how == "half":
+    path.write_bytes(raw[:len(raw) // 2])
+  else:  # One byte overwritten in the middle.
+    damaged = bytearray(raw)
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+  return copy, path, why
+
+
+@pytest.mark.parametrize("case", sorted(_DAMAGE))
+def test_damaged_saved_model_names_the_file(saved_model, tmp_path, case):
+  copy, path, why = _damaged_copy(saved_model, tmp_path, case)
+  with pytest.raises(predictor_lib.SavedModelError) as err:
+    predictor_lib.Predictor.from_saved_model(str(copy))
+  message = str(err.value)
+  assert message.startswith(
+      f"SavedModel {copy} cannot be loaded: {path} {why}"), message
+  assert message.endswith("; export it again (tools/export_saved_model.py)")
+  assert "\n" not in message
+
+
+def test_cli_on_a_truncated_saved_model_is_one_line(saved_model, images_dir,
+                                                    tmp_path):
+  copy, path, why = _damaged_copy(saved_model, tmp_path, "data_truncated")
+  out = tmp_path / "out"
+  result = helpers.run_tool("predict.py", f"--saved_model={copy}",
+                            f"--images={images_dir}/*.jpg",
+                            f"--output_dir={out}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: SavedModel {copy} cannot be loaded: {path} {why}; export it "
+      "again (tools/export_saved_model.py)")
+  assert "Traceback" not in result.stderr
+  assert not out.exists()
+
+
+# ----------------------------------------------------------------------------
+# EXIF orientation: drawn upright, results in the stored pixels.
+
+
+def _with_exif(pixels, orientation, image_format="JPEG"):
+  """Encoded bytes of `pixels` with an EXIF orientation tag (None: none)."""
+  out = io.BytesIO()
+  kwargs = {"quality": 95} if image_format == "JPEG" else {}
+  if orientation is not None:
+    exif = Image.Exif()
+    exif[exif_orientation.ORIENTATION_TAG] = orientation
+    kwargs["exif"] = exif
+  Image.fromarray(pixels).save(out, format=image_format, **kwargs)
+  return out.getvalue()
+
+
+def _pillow_display(array, orientation):
+  """`array` (uint8 [H, W] or [H, W, 3]) as Pillow turns it by its tag."""
+  encoded = _with_exif(np.ascontiguousarray(array), orientation, "PNG")
+  with Image.open(io.BytesIO(encoded)) as image:
+    return np.asarray(ImageOps.exif_transpose(image))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_transforms_agree_with_pillow(orientation):
+  rng = np.random.default_rng(orientation)
+  image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(
+      exif_orientation.transform_array(image, orientation),
+      _pillow_display(image, orientation))
+  assert exif_orientation.read(_with_exif(image, orientation)) == orientation
+  assert exif_orientation.read(_with_exif(image, orientation, "PNG")) == (
+      orientation)
+  # A box is the tight box of its pixels, turned by Pillow.
+  box = np.array([[1, 2, 4, 6]], np.float32)  # ymin, xmin, ymax, xmax.
+  mask = np.zeros((5, 7), np.uint8)
+  mask[1:4, 2:6] = 255
+  turned = _pillow_display(mask, orientation) > 0
+  rows, cols = np.nonzero(turned)
+  np.testing.assert_array_equal(
+      exif_orientation.transform_boxes(box, orientation, 5, 7),
+      [[rows.min(), cols.min(), rows.max() + 1, cols.max() + 1]])
+
+
+def test_exif_read_without_a_tag():
+  image = np.zeros((4, 6, 3), np.uint8)
+  assert exif_orientation.read(_with_exif(image, None)) == 1
+  assert exif_orientation.read(b"not an image") == 1
+  assert exif_orientation.read(_with_exif(image, 9)) == 1  # Not a valid value.
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_phone_photo_drawn_upright_results_in_stored_pixels(
+    saved_model, coco_tiny_root, tmp_path, orientation):
+  """The same pixels with and without an EXIF orientation tag: identical
+  results JSON (the stored-pixel frame), the overlay turned as viewers show
+  the photo."""
+  stored = decode(helpers.val_image_path(coco_tiny_root,
+                                         helpers.VAL_IMAGE_ID)).numpy()
+  height, width = stored.shape[:2]
+  plain_dir, tagged_dir = tmp_path / "plain", tmp_path / "tagged"
+  plain_dir.mkdir()
+  tagged_dir.mkdir()
+  (plain_dir / "photo.jpg").write_bytes(_with_exif(stored, None))
+  (tagged_dir / "photo.jpg").write_bytes(_with_exif(stored, orientation))
+  predictor = predictor_lib.Predictor.from_saved_model(saved_model)
+  outputs, lines = {}, []
+  for name, directory in (("plain", plain_dir), ("tagged", tagged_dir)):
+    outputs[name] = predict_tool.run(
+        [str(directory / "photo.jpg")], predictor, str(directory / "out"),
+        THRESHOLD, None, print_fn=lines.append)
+  assert outputs["tagged"] == outputs["plain"]  # Stored-pixel frame.
+  assert f"(drawn upright: EXIF orientation {orientation}; results in the " \
+         "stored pixels)" in "\n".join(lines)
+  pixels = decode(plain_dir / "photo.jpg").numpy()
+  detections = predictor_lib.image_detections(
+      predictor.predict_bytes([(plain_dir / "photo.jpg").read_bytes()]), 0)
+  masks = detections["masks"][detections["scores"] >= THRESHOLD].any(axis=0)
+  assert masks.sum() > 1000
+  # What viewers show, per Pillow: the turned photo and the turned masks.
+  shown = _pillow_display(pixels, orientation)
+  shown_masks = _pillow_display(masks.astype(np.uint8) * 255,
+                                orientation) > 0
+  overlay = decode(tagged_dir / "out" / "photo.png").numpy()
+  scale = visualize.drawing_scale(height, width)
+  expected_shape = (width, height) if orientation in (6, 8) else (height,
+                                                                  width)
+  assert overlay.shape == (expected_shape[0] * scale,
+                           expected_shape[1] * scale, 3)
+  changed = np.any(overlay != visualize.enlarge(shown, scale), axis=-1)
+  shown_masks = np.repeat(np.repeat(shown_masks, scale, 0), scale, 1)
+  assert changed[shown_masks].mean() > 0.95
+  # Far from every turned mask (and its box and tag) the photo is unchanged.
+  assert changed[~shown_masks].mean() < 0.5

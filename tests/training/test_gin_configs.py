@@ -346,3 +346,13 @@ def test_train_py_help_explains_every_flag():
     match = re.search(rf"--{flag}: (.+?)(?=\n  --|\Z)", text, re.S)
     assert match, flag
     assert len(match.group(1).split()) >= 6, (flag, match.group(1))
+
+
+def test_overriding_a_macros_only_use_is_not_a_misspelling(data_paths):
+  """tiny_cpu.gin sets EVAL_SAMPLES for Experiment.eval_samples; binding
+  the parameter itself leaves the file's macro unused, which is fine; a
+  macro bound on the command line and used nowhere is still refused."""
+  _parse("tiny_cpu.gin", data_paths, "Experiment.eval_samples = 8")
+  assert gin.query_parameter("Experiment.eval_samples") == 8
+  with pytest.raises(gin_utils.ConfigError, match="EVAL_SAMPLEZ"):
+    _parse("tiny_cpu.gin", data_paths, "EVAL_SAMPLEZ = 8")

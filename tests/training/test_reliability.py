@@ -98,10 +98,10 @@ def test_eval_never_replaces_the_training_config(trained, run_copy,
   assert (run_copy / "config.gin").read_text() == trained["config"]
   assert not (run_copy / "eval_config.gin").exists()
   # A good evaluation writes its own file.
-  _run("eval", run_copy, trained["pattern"], "Experiment.eval_samples=4",
+  _run("eval", run_copy, trained["pattern"], "EVAL_SAMPLES=4",
        eval_pattern=tiny_val_records)
   assert (run_copy / "config.gin").read_text() == trained["config"]
-  assert "eval_samples = 4" in (run_copy / "eval_config.gin").read_text()
+  assert "EVAL_SAMPLES = 4" in (run_copy / "eval_config.gin").read_text()
   assert (run_copy / "eval_2.json").exists()
 
 

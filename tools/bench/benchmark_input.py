@@ -28,6 +28,7 @@ import time
 from absl import app
 from absl import flags
 
+from official_shapemask import help_flags
 from official_shapemask import quiet_logs
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -122,4 +123,4 @@ def main(argv):
 if __name__ == '__main__':
   quiet_logs.install()  # Before TensorFlow is imported.
   _define_flags()
-  app.run(main)
+  help_flags.run(main)  # absl's app.run; --help exits 0.

@@ -27,9 +27,15 @@
 #   bash tools/bench/gpu_benchmark.sh              # the GPU run
 #   bash tools/bench/gpu_benchmark.sh --cpu_smoke  # the same path on CPU, with the
 #                                            # smallest model (tests)
+#   bash tools/bench/gpu_benchmark.sh --help       # this text (exit status 0)
 # Environment: PYTHON (default python3), OUT (results folder),
 #   GPU_BENCH_BUDGET_S (default 470: the whole run's limit).
 set -u
+if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
+  # The header above is the usage.
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+  exit 0
+fi
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-python3}"
 MODE=gpu
