@@ -49,6 +49,7 @@ def _one_line(error, ref, instead):
   """The CheckpointError of a failed conversion or load: what to do."""
   model_dir = any_engine.model_dir_of(ref)
   message = str(error)
+  kind = type(error)
   if isinstance(error, any_engine.OptimizerMismatchError):
     form = _MOMENTUM_FORMS.get(error.saved_class)
     setting = (f"build_momentum_optimizer.momentum_form={form!r}" if form
@@ -65,7 +66,10 @@ def _one_line(error, ref, instead):
     message += (f"; move it out of {model_dir} (e.g. into "
                 f"{os.path.join(model_dir, 'unreadable')}/) to use the step "
                 "before it")
-  return errors.CheckpointError(message)
+  # The same kind (unreadable, mismatch, ...), so callers can tell them.
+  if kind is any_engine.OptimizerMismatchError:
+    return errors.CheckpointMismatchError(message)
+  return kind(message)
 
 
 def _convert_and_load(ref, model, optimizer, instead):
