@@ -21,9 +21,11 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
 from official_shapemask.modeling import shapemask_model
+from official_shapemask.weights import any_engine
 from official_shapemask.weights import checkpoints
 from official_shapemask.weights import errors
 from official_shapemask.training import divergence
+from official_shapemask.training import engine_switch
 from official_shapemask.training import eval_results
 from official_shapemask.weights import init_checkpoint as init_ckpt
 from official_shapemask.training import operative_config
@@ -634,7 +636,13 @@ class Experiment:
           print_fn=self.print_fn)
     except errors.CheckpointError as e:
       raise InvalidInputError(str(e)) from None
-    if latest:
+    # The JAX engine's step, when newer (engine_switch: prints the line).
+    switched = engine_switch.resume(
+        self.model, self.optimizer, self.model_dir, "tensorflow",
+        self.step if latest else None, print_fn=self.print_fn)
+    if switched is not None:
+      self._resumed = True
+    elif latest:
       self._resumed = True
       self.print_fn(f"Resumed from {latest} at step {self.step}")
     elif self.init_checkpoint:
@@ -811,8 +819,9 @@ class Experiment:
                                 print_fn=self.print_fn)
 
   def has_checkpoint(self):
-    """Whether `model_dir` holds a checkpoint (before `start` too)."""
-    return tf.train.get_checkpoint_state(self.model_dir) is not None
+    """Whether `model_dir` holds a checkpoint of either engine (before
+    `start` too)."""
+    return any_engine.newest_step(self.model_dir) is not None
 
   def latest_checkpoint(self):
     """The newest checkpoint in `model_dir` (a prefix), or None."""
@@ -852,6 +861,14 @@ class Experiment:
       InvalidInputError: `model_dir` holds no checkpoint, none is readable,
         or the newest readable one does not match the model (named).
     """
+    # The JAX engine's step, when newer (engine_switch: prints the line).
+    switched = engine_switch.restore_for_eval(
+        self.model, self.optimizer, self.model_dir, "tensorflow",
+        print_fn=self.print_fn)
+    if switched is not None:
+      if self.chief:
+        operative_config.write_eval_config(self.model_dir)
+      return switched.path
     try:
       path = checkpoints.restore_newest_readable(
           self.checkpoint, self.model_dir, move_unreadable=False,

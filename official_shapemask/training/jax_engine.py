@@ -53,8 +53,10 @@ import tensorflow as tf
 
 from official_shapemask.evaluation import coco_evaluator
 from official_shapemask.modeling import factory
+from official_shapemask.weights import any_engine
 from official_shapemask.weights import paths
 from official_shapemask.training import divergence
+from official_shapemask.training import engine_switch
 from official_shapemask.training import eval_results
 from official_shapemask.training import experiment
 from official_shapemask.weights import jax_checkpoints
@@ -230,7 +232,15 @@ class JaxExperiment:
     # chief, moved into model_dir/unreadable (the others only skip them).
     restored = self.manager.restore_newest_readable(
         move_unreadable=self.chief, print_fn=self.print_fn)
-    if restored is not None:
+    # The TensorFlow engine's step, when newer (engine_switch: prints the
+    # line); loaded into the Keras variables, which `start` then reads.
+    switched = engine_switch.resume(
+        self.model, self.optimizer, self.model_dir, "jax",
+        restored[1] if restored else None, print_fn=self.print_fn)
+    if switched is not None:
+      self._step = switched
+      self._resumed = True
+    elif restored is not None:
       state, step = restored
       self.train_step.assign(state)
       self._step = step
@@ -475,8 +485,9 @@ class JaxExperiment:
         time.sleep(1.0)
 
   def has_checkpoint(self):
-    """Whether `model_dir` holds a checkpoint (before `start` too)."""
-    return jax_checkpoints.has_checkpoint(self.model_dir)
+    """Whether `model_dir` holds a checkpoint of either engine (before
+    `start` too)."""
+    return any_engine.newest_step(self.model_dir) is not None
 
   def restore(self, checkpoint_path):
     """Loads a checkpoint (a `model_dir/checkpoints/<step>` folder).
@@ -505,6 +516,17 @@ class JaxExperiment:
         can be read, or the newest readable one does not match the model
         (named).
     """
+    # The TensorFlow engine's step, when newer (engine_switch: prints the
+    # line).
+    switched = engine_switch.restore_for_eval(
+        self.model, self.optimizer, self.model_dir, "jax",
+        print_fn=self.print_fn)
+    if switched is not None:
+      self._step = switched.step
+      self.state = self.train_step.state()
+      if self.chief:
+        operative_config.write_eval_config(self.model_dir)
+      return switched.path
     restored = self.manager.restore_newest_readable(
         move_unreadable=False, print_fn=self.print_fn)
     if restored is None:
