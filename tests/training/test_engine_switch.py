@@ -39,20 +39,13 @@ import pytest
 import tensorflow as tf
 
 from official_shapemask.training import train_loop
+from tests.training import test_train_cli_jax as cli_jax
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT = 1500
-SMALL = [  # test_train_cli_jax.py's smaller model, for compile time.
-    "IMAGE_SIZE=64", "build_shapemask_model.backbone_width_multiplier=0.25",
-    "build_shapemask_model.fpn_num_filters=16",
-    "build_shapemask_model.head_num_convs=1",
-    "build_shapemask_model.head_num_filters=16",
-    "build_shapemask_model.num_downsample_channels=8",
-    "build_shapemask_model.mask_num_convs=1",
-    "build_shapemask_model.mask_num_filters=8",
-    "build_shapemask_model.pre_nms_num_boxes=100",
-    "build_shapemask_model.max_num_detections=20", "EVAL_SAMPLES=4",
-]
+# test_train_cli_jax.py's smaller model, evaluated on 4 images.
+SMALL = [b for b in cli_jax.SMALL if "eval_samples" not in b] + [
+    "EVAL_SAMPLES=4"]
 LINE = re.compile(
     r"^step (\d+)/(\d+) " +
     " ".join(rf"{k}=(-?[\d.]+(?:e[+-]?\d+)?)" for k in train_loop.LOSS_KEYS) +
