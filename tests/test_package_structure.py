@@ -250,8 +250,8 @@ def test_the_scan_finds_every_layer_and_places_every_module(modules):
   assert not found_problems(modules), found_problems(modules)
   # The imports are read: edges the code is known to have.
   assert "official_shapemask.cli.train" in modules["train"].edges
-  assert ("official_shapemask.weights.checkpoints"
-          in modules["official_shapemask.training.experiment"].edges)
+  assert ("official_shapemask.weights.checkpoints" in modules[
+      "official_shapemask.training.engines.tensorflow_engine"].edges)
   assert ("official_shapemask.modeling.shapemask_model"
           in modules["official_shapemask.modeling.factory"].edges)
 

@@ -68,19 +68,19 @@ def main(argv):
         "--strategy and --tpu choose the TensorFlow loop's tf.distribute "
         "strategy; with KERAS_BACKEND=jax the JAX engine uses every device "
         "of every process (see docs/engines.md: several hosts)")
-  from official_shapemask.training import experiment
+  from official_shapemask.training import divergence
   from official_shapemask.training import gin_utils
   from official_shapemask.training import modes
   from official_shapemask.training import run_lock
-  from official_shapemask.training import train_loop
+  from official_shapemask.training import settings
   from official_shapemask.weights import errors
   try:
     gin_utils.parse_config(_GIN_FILES.value, _BINDINGS.value)
     modes.run(mode=_MODE.value, model_dir=_MODEL_DIR.value,
               strategy_name=_STRATEGY.value, tpu=_TPU.value,
               eval_timeout=_EVAL_TIMEOUT.value)
-  except (gin_utils.ConfigError, experiment.InvalidInputError,
-          errors.CheckpointError, train_loop.DivergenceError,
+  except (gin_utils.ConfigError, settings.InvalidInputError,
+          errors.CheckpointError, divergence.DivergenceError,
           run_lock.RunDirError) as e:
     # Configuration, input and checkpoint errors, a model_dir that cannot
     # be used (another run holds it), and a diverged run: one clear line.

@@ -22,6 +22,8 @@ from official_shapemask.ops import box_ops
 MASK_INPUT_KEYS = ("mask_boxes", "mask_outer_boxes", "mask_classes")
 LOSS_NAMES = ("cls_loss", "box_loss", "prior_loss", "coarse_loss", "fine_loss",
               "l2_loss")
+# Every loss a training step reports, in the order of the progress lines.
+LOSS_KEYS = ("total_loss", "model_loss") + LOSS_NAMES
 # Which trainable variables the L2 term decays (`ShapeMaskModel.l2_variables`):
 # 'all' (the reference since December 2019) or 'seed_2019' (the seed's code:
 # all but the backbone's batch-norm gamma/beta and every bias).

@@ -6,21 +6,24 @@ backend of the engine that wrote a checkpoint and restores it into these.
 """
 
 from official_shapemask.modeling import factory
-from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
+from official_shapemask.training import optimizers
+from official_shapemask.training import settings as settings_lib
+from official_shapemask.training import validation
 
 
 def build_model_and_optimizer(config_path):
   """The engines' model and built optimizer from the gin file `config_path`.
 
-  The model with the engines' overrides (`Experiment.model_overrides`: the
+  The model with the engines' overrides (`validation.model_overrides`: the
   prior file's local copy, nothing frozen without an init checkpoint), the
   optimizer of `build_momentum_optimizer` built on its trainable variables
   (as both engines build them).
   """
   gin_utils.parse_config([config_path], [])
-  settings = experiment.Experiment("", print_fn=lambda *a, **k: None)
-  model = factory.build_shapemask_model(**settings.model_overrides(say=False))
-  optimizer = experiment.build_momentum_optimizer()
+  settings = settings_lib.create("")
+  model = factory.build_shapemask_model(
+      **validation.model_overrides(settings, print_fn=None))
+  optimizer = optimizers.build_momentum_optimizer()
   optimizer.build(model.trainable_variables)
   return model, optimizer

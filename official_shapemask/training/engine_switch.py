@@ -13,9 +13,11 @@ step from `model_dir/config.gin` (the operative config of the run that made
 the directory's newest save, `operative_config`), or from this process's
 gin config when the directory has none.
 
-Called by `Experiment._restore_or_initialize`,
-`JaxExperiment._restore_or_initialize` (`resume`), their `restore_latest`
-(`restore_for_eval`) and `serving/export.restore_model` (`load`).
+Called by the controller (`training/controller.py`): when a run resumes
+(`resume`, after the engine's own restore; the engine then takes the Keras
+variables as its state, `Engine.adopt_keras_state`) and when an evaluation
+restores the newest step (`restore_for_eval`); and by
+`serving/export.restore_model` (`load`).
 """
 
 import os

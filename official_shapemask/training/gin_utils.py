@@ -63,10 +63,12 @@ def register_configurables():
   all first makes an unknown name in a gin file fail at parse time.
   """
   # pylint: disable=g-import-not-at-top,unused-import
+  from official_shapemask.dataloaders import input_reader  # noqa: F401
   from official_shapemask.dataloaders import shapemask_parser  # noqa: F401
   from official_shapemask.modeling import factory  # noqa: F401
-  from official_shapemask.training import experiment  # noqa: F401
+  from official_shapemask.training import optimizers  # noqa: F401
   from official_shapemask.training import schedules  # noqa: F401
+  from official_shapemask.training import settings  # noqa: F401
 
 
 class _DropIncludeProbe(logging.Filter):

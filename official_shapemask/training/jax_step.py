@@ -37,8 +37,8 @@ from keras import ops
 
 from official_shapemask.modeling import shapemask_model
 
-# The loss values each step returns (the TensorFlow loop's order).
-LOSS_KEYS = ("total_loss", "model_loss") + shapemask_model.LOSS_NAMES
+# The loss values each step returns.
+LOSS_KEYS = shapemask_model.LOSS_KEYS
 
 
 def data_parallel(devices=None):

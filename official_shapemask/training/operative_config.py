@@ -15,8 +15,8 @@ the same for every training engine (`TrainingConfigRecorder`):
   checkpoint.
 
 Kept apart from `gin_utils` (parsing), which imports every configurable
-module, `experiment` included, to register them: `experiment` writes the
-operative config through this module, so neither imports the other.
+module to register them; the controller writes the operative config
+through this module.
 """
 
 import os

@@ -19,10 +19,17 @@ optimizer (`keras.ops` only): it trains under both engines, the TensorFlow
 `tf.distribute` loop (`apply_gradients`) and the JAX step
 (`stateless_apply`), serializes with `get_config` and checkpoints its
 accumulators like `SGD`'s momentum slots.
+
+`build_momentum_optimizer` is the gin-configured optimizer of `train.py`
+(either form), and `learning_rate_at` the learning-rate readout of the
+progress lines, the same for every engine.
 """
 
+import gin
 import keras
 from keras import ops
+
+MOMENTUM_FORMS = ("keras", "tf1")
 
 
 @keras.saving.register_keras_serializable(package="official_shapemask")
@@ -78,3 +85,56 @@ class TF1Momentum(keras.optimizers.Optimizer):
     config = super().get_config()
     config.update({"momentum": self.momentum, "nesterov": self.nesterov})
     return config
+
+
+@gin.configurable
+def build_momentum_optimizer(learning_rate=gin.REQUIRED, momentum=0.9,
+                             nesterov=False, momentum_form="keras"):
+  """Momentum SGD, 0.9, not Nesterov (the TF1 reference's settings).
+
+  Args:
+    learning_rate: float or schedule (`StepDecayWithWarmup` in the configs).
+    momentum: float in [0, 1].
+    nesterov: bool.
+    momentum_form: `'keras'`: Keras `SGD` (`v = m*v - lr*g; w += v`);
+      `'tf1'`: `TF1Momentum`, TF1's `MomentumOptimizer`
+      (`a = m*a + g; w -= lr*a`), the seed's. Equal at a constant learning
+      rate; after each change of it (warmup, decays) they differ.
+
+  Returns:
+    a `keras.optimizers.Optimizer` (not built).
+
+  Raises:
+    ValueError: an unknown `momentum_form`.
+  """
+  if momentum_form == "keras":
+    return keras.optimizers.SGD(learning_rate=learning_rate,
+                                momentum=momentum, nesterov=nesterov)
+  if momentum_form == "tf1":
+    return TF1Momentum(learning_rate=learning_rate, momentum=momentum,
+                       nesterov=nesterov)
+  raise ValueError(
+      f"build_momentum_optimizer.momentum_form={momentum_form!r} is not one "
+      f"of {', '.join(repr(f) for f in MOMENTUM_FORMS)}")
+
+
+class LearningRateReadout:
+  """The learning rate an optimizer applies at a given step, on the host.
+
+  Reads a copy of the optimizer's schedule (from its config), never its
+  variables: the JAX engine's compiled step consumes the optimizer's own
+  step counter, and reading a TensorFlow variable would wait for the
+  device.
+  """
+
+  def __init__(self, optimizer):
+    lr = optimizer.get_config()["learning_rate"]
+    self._schedule = (keras.optimizers.schedules.deserialize(lr)
+                      if isinstance(lr, dict) else float(lr))
+
+  def __call__(self, step):
+    """The learning rate of step `step` (the optimizer's iteration count)."""
+    lr = self._schedule
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+      lr = lr(step)
+    return float(ops.convert_to_numpy(lr))

@@ -25,7 +25,8 @@ from official_shapemask.dataloaders import class_ids
 from official_shapemask.dataloaders import input_reader
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
-from official_shapemask.training import experiment
+from official_shapemask.training import datasets
+from official_shapemask.training import validation
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOG, BIG = 18, 1000
@@ -121,7 +122,7 @@ def test_parser_names_id_image_and_shard(big_ids, mode):
   assert match.group(2) in big_ids["bare_with_big"]
   # What train.py and the JAX engine make of it: one line naming the setting.
   setting = f"{mode}_file_pattern"
-  error = experiment.data_error(err.value, big_ids["bare"], setting)
+  error = datasets.data_error(err.value, big_ids["bare"], setting)
   assert str(error) == f"{setting}: {text}"
   # With 1001 class slots the same records parse.
   assert len(first_batches(1001)) == 3
@@ -133,8 +134,8 @@ def test_eval_label_map_checked_before_the_start(big_ids, tiny_train_records):
   gin_utils.parse_config(["tiny_cpu.gin"], [
       f"TRAIN_FILE_PATTERN='{tiny_train_records}'"])
   try:
-    with pytest.raises(experiment.InvalidInputError) as err:
-      experiment.validate_inputs("train_and_eval", tiny_train_records,
+    with pytest.raises(validation.InvalidInputError) as err:
+      validation.validate_inputs("train_and_eval", tiny_train_records,
                                  big_ids["pattern"], None,
                                  print_fn=lambda *a: None)
   finally:

@@ -28,7 +28,7 @@ from official_shapemask.serving import export
 from official_shapemask.serving import predictor as predictor_lib
 from official_shapemask.weights import any_engine
 from official_shapemask.weights import paths
-from official_shapemask.training import experiment
+from official_shapemask.training import datasets
 from official_shapemask.training import gin_utils
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -120,7 +120,7 @@ def exported(planted, tmp_path_factory):
 def parsed_val_image(planted, tiny_val_records):
   """The eval parser's (image, image_info) of VAL_IMAGE_ID, and its bytes."""
   parser = shapemask_parser.Parser(
-      mode="eval", **experiment.model_input_settings(planted["model"]))
+      mode="eval", **datasets.model_input_settings(planted["model"]))
   files = sorted(tf.io.gfile.glob(tiny_val_records))
   for serialized in tf.data.TFRecordDataset(files):
     example = tf.train.Example.FromString(serialized.numpy())

@@ -112,7 +112,7 @@ def tf_train(strategy, model, optimizer, dataset_fn):
   from official_shapemask.training import train_loop  # pylint: disable=g-import-not-at-top
   loop = train_loop.TrainLoop(strategy, model, optimizer)
   iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-  losses = [loop.run(iterator, 1) for _ in range(STEPS)]
+  losses = [loop.run(iterator, 1)[0] for _ in range(STEPS)]
   state = {"trainable": [v.numpy() for v in model.trainable_variables],
            "non_trainable": [v.numpy() for v in model.non_trainable_variables],
            "optimizer": [v.numpy() for v in optimizer.variables]}
@@ -144,28 +144,30 @@ def _mirrored_main(work, out, records):
   cpu = tf.config.list_physical_devices("CPU")[0]
   tf.config.set_logical_device_configuration(
       cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-  from official_shapemask.training import experiment  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import controller  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from official_shapemask.training import strategies  # pylint: disable=g-import-not-at-top
   # The wiring first (before any strategy, one per process): a per-replica
   # batch that is not a multiple fails before the strategy starts.
-  exp = experiment.Experiment(
+  exp = controller.build(
       f"{work}/mirrored_run", strategy_name="mirrored",
       train_file_pattern=records, train_batch_size=BATCH,
       per_replica_batch_size=BATCH, print_fn=lambda *a, **k: None)
   try:
     exp.start("train")
-  except experiment.InvalidInputError as e:
+  except settings_lib.InvalidInputError as e:
     message = str(e)
   else:
     raise AssertionError("no error")
-  assert exp.strategy is None, "the strategy started"
+  assert exp.engine.strategy is None, "the strategy started"
   strategy = tf.distribute.MirroredStrategy(strategies.mirrored_devices())
   assert strategy.num_replicas_in_sync == 2
   model, optimizer = tf_model_and_optimizer(work, strategy, replica_state=True)
-  # What `Experiment.start` sets with per_replica_batch_size=2.
-  settings = experiment.Experiment(f"{work}/unused", train_batch_size=BATCH,
+  # What the controller sets with per_replica_batch_size=2.
+  settings = settings_lib.Settings(f"{work}/unused", train_batch_size=BATCH,
                                    per_replica_batch_size=2)
-  groups = settings._replica_batch_groups(strategy.num_replicas_in_sync)  # pylint: disable=protected-access
+  groups = settings_lib.replica_groups(settings,
+                                       strategy.num_replicas_in_sync)
   model.set_batch_groups(groups)
   losses, state = tf_train(strategy, model, optimizer,
                            per_replica_dataset_fn(work))
@@ -182,10 +184,10 @@ _JAX_SCRIPT = textwrap.dedent("""
     import keras
     import numpy as np
     from official_shapemask.modeling import factory
-    from official_shapemask.training import experiment
+    from official_shapemask.training import controller
     from official_shapemask.training import gin_utils
-    from official_shapemask.training import jax_engine
     from official_shapemask.training import jax_step
+    from official_shapemask.training import settings
     from official_shapemask.training import schedules
     sys.path.insert(0, sys.argv[4])
     import test_batch_groups as t
@@ -224,16 +226,16 @@ _JAX_SCRIPT = textwrap.dedent("""
       gin_utils.parse_config(["tiny_cpu.gin"], [
           f"TRAIN_FILE_PATTERN='{records}'", f"TRAIN_BATCH_SIZE={t.BATCH}",
           f"Experiment.per_replica_batch_size={per_replica}"])
-      exp = jax_engine.JaxExperiment(experiment.Experiment(
-          f"{work}/jax_run_{per_replica}", print_fn=lambda *a, **k: None))
+      exp = controller.build(f"{work}/jax_run_{per_replica}",
+                             print_fn=lambda *a, **k: None)
       return exp, exp.start("train")
 
     exp, _ = start(2)
-    wired = exp.model.batch_groups
+    wired = exp.engine.model.batch_groups
     exp.close()
     try:
       start(3)
-    except experiment.InvalidInputError as e:
+    except settings.InvalidInputError as e:
       message = str(e)
     else:
       raise AssertionError("no error")
@@ -270,7 +272,7 @@ def runs(tiny_train_records, tmp_path_factory):
   from official_shapemask.dataloaders import input_reader
   from official_shapemask.dataloaders import shapemask_parser
   from official_shapemask.modeling import factory
-  from official_shapemask.training import experiment
+  from official_shapemask.training import datasets
   if keras.backend.backend() != "tensorflow":
     pytest.skip("the TensorFlow side runs under the TensorFlow backend")
   pytest.importorskip("jax")
@@ -284,7 +286,7 @@ def runs(tiny_train_records, tmp_path_factory):
   np.save(work / "priors.npy", priors)
   model.save_weights(str(work / "init.weights.h5"))
   parser = shapemask_parser.Parser(
-      mode="train", seed=0, **experiment.model_input_settings(model))
+      mode="train", seed=0, **datasets.model_input_settings(model))
   dataset = input_reader.build_dataset(tiny_train_records, parser, BATCH,
                                        is_training=True, deterministic=True)
   images, labels = next(iter(dataset))
@@ -418,15 +420,16 @@ def _parse_tiny(records, *bindings):
 def test_tf_experiment_sets_groups_per_replica_batch(clean_gin,
                                                      tiny_train_records,
                                                      tmp_path):
-  from official_shapemask.training import experiment
+  from official_shapemask.training import controller
   _parse_tiny(tiny_train_records, "Experiment.per_replica_batch_size=2")
-  exp = experiment.Experiment(str(tmp_path / "run"),
-                              print_fn=lambda *a, **k: None)
+  exp = controller.build(str(tmp_path / "run"),
+                         print_fn=lambda *a, **k: None)
   try:
     exp.start("train")
-    assert exp.per_replica_batch_size == 2
-    assert exp.model.batch_groups == BATCH // 2
-    norms = [layer.num_groups for layer in exp.model._flatten_layers()  # pylint: disable=protected-access
+    assert exp.settings.per_replica_batch_size == 2
+    model = exp.engine.model
+    assert model.batch_groups == BATCH // 2
+    norms = [layer.num_groups for layer in model._flatten_layers()  # pylint: disable=protected-access
              if hasattr(layer, "num_groups")]
     assert len(norms) > 20 and set(norms) == {BATCH // 2}
   finally:
@@ -448,20 +451,21 @@ def test_tf_experiment_sets_groups_per_replica_batch(clean_gin,
 ])
 def test_bad_per_replica_batch_size_fails_before_the_strategy(
     clean_gin, tiny_train_records, tmp_path, bindings, message):
-  from official_shapemask.training import experiment
+  from official_shapemask.training import controller
+  from official_shapemask.training import settings
   _parse_tiny(tiny_train_records, *bindings)
-  exp = experiment.Experiment(str(tmp_path / "run"))
-  with pytest.raises(experiment.InvalidInputError) as err:
+  exp = controller.build(str(tmp_path / "run"))
+  with pytest.raises(settings.InvalidInputError) as err:
     exp.start("train")
   assert str(err.value) == message
-  assert exp.strategy is None
+  assert exp.engine.strategy is None
   assert not (tmp_path / "run").exists()
 
 
 def test_seed_configs_normalise_per_8_images(clean_gin, tiny_train_records):
   import gin
-  from official_shapemask.training import experiment
   from official_shapemask.training import gin_utils
+  from official_shapemask.training import settings
   gin_dir = REPO_ROOT / "gin"
   for path in sorted(gin_dir.rglob("*.gin")):
     name = str(path.relative_to(gin_dir))
@@ -469,7 +473,7 @@ def test_seed_configs_normalise_per_8_images(clean_gin, tiny_train_records):
       gin.clear_config()
     gin_utils.parse_config([name], [f"TRAIN_FILE_PATTERN='{tiny_train_records}'",
                                     "SHAPE_PRIOR_PATH=None"])
-    exp = experiment.Experiment("unused")
+    exp = settings.Settings("unused")
     # The CPU-sized configs keep each engine's own batch; the seed's: 8.
     want = None if name in ("tiny_cpu.gin", "demo.gin") else 8
     assert exp.per_replica_batch_size == want, name
@@ -516,7 +520,7 @@ def runs_inputs(tiny_train_records, tmp_path_factory):
   from official_shapemask.dataloaders import input_reader
   from official_shapemask.dataloaders import shapemask_parser
   from official_shapemask.modeling import factory
-  from official_shapemask.training import experiment
+  from official_shapemask.training import datasets
   keras.mixed_precision.set_global_policy("float32")
   work = tmp_path_factory.mktemp("groups_inference")
   keras.utils.set_random_seed(4)
@@ -525,7 +529,7 @@ def runs_inputs(tiny_train_records, tmp_path_factory):
       size=(91, 2, 32, 32)).astype(np.float32))
   model.save_weights(str(work / "init.weights.h5"))
   parser = shapemask_parser.Parser(
-      mode="train", seed=0, **experiment.model_input_settings(model))
+      mode="train", seed=0, **datasets.model_input_settings(model))
   dataset = input_reader.build_dataset(tiny_train_records, parser, BATCH,
                                        is_training=True, deterministic=True)
   images, labels = next(iter(dataset))

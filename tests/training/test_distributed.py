@@ -1,7 +1,8 @@
 """The custom loop under tf.distribute: replica consistency and equal losses.
 
 Keras 3's tf.distribute support is thin (keras-team/keras#20601, #20568), so
-these tests run the real `Experiment` under MirroredStrategy over two logical
+these tests run a real run (controller and TensorFlow engine) under
+MirroredStrategy over two logical
 CPU devices and under a two-process MultiWorkerMirroredStrategy on
 127.0.0.1, and compare with one device and the same global batch.
 
@@ -52,16 +53,16 @@ def _parse_tiny(train_pattern, sync_bn, steps):
       "Experiment.deterministic_input=True"])
 
 
-def _fixed_batch_experiment_class():
+def _fixed_batch_controller_class():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from official_shapemask.training import experiment  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import controller  # pylint: disable=g-import-not-at-top
 
-  class FixedBatchExperiment(experiment.Experiment):
+  class FixedBatchController(controller.Controller):
     """Serves the global batches of an .npz: replica g gets slice g."""
 
     def train_dataset_fn(self):
-      data = dict(np.load(self.train_file_pattern))
-      global_batch = self.train_batch_size
+      data = dict(np.load(self.settings.train_file_pattern))
+      global_batch = self.settings.train_batch_size
 
       def dataset_fn(ctx):
         replicas = ctx.num_replicas_in_sync
@@ -81,7 +82,7 @@ def _fixed_batch_experiment_class():
 
       return dataset_fn
 
-  return FixedBatchExperiment
+  return FixedBatchController
 
 
 def _replica_report(exp):
@@ -89,9 +90,10 @@ def _replica_report(exp):
   from official_shapemask.training import strategies  # pylint: disable=g-import-not-at-top
   kinds = {"trainable": 0, "bn_moving": 0, "optimizer": 0}
   differ = {}
-  trainable = {id(v) for v in exp.model.trainable_variables}
-  for group, variables in (("model", exp.model.variables),
-                           ("optimizer", exp.optimizer.variables)):
+  model, optimizer = exp.engine.model, exp.engine.optimizer
+  trainable = {id(v) for v in model.trainable_variables}
+  for group, variables in (("model", model.variables),
+                           ("optimizer", optimizer.variables)):
     for v in variables:
       copies = [c.numpy() for c in strategies.per_replica_values(v)]
       if len(copies) < 2:
@@ -110,13 +112,15 @@ def _replica_report(exp):
 
 
 def _checksums(exp):
+  variables = exp.engine.model.variables + exp.engine.optimizer.variables
   return [float(np.sum(np.abs(v.numpy().astype(np.float64))))
-          for v in exp.model.variables + exp.optimizer.variables]
+          for v in variables]
 
 
 def _bn_moving_moved(exp):
   """Fraction of BN moving means that left their zero initialisation."""
-  means = [v for v in exp.model.variables if v.path.endswith("moving_mean")]
+  means = [v for v in exp.engine.model.variables
+           if v.path.endswith("moving_mean")]
   return float(np.mean([np.any(v.numpy() != 0) for v in means]))
 
 
@@ -142,17 +146,23 @@ def run_fixed(strategy_name, npz, model_dir, steps=STEPS, jit_compile=False,
               virtual_replicas=1):
   """Trains `steps` steps on the fixed batches (sync BN); returns results."""
   import keras  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import settings  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training.engines import tensorflow_engine  # pylint: disable=g-import-not-at-top
   _parse_tiny(npz, sync_bn=True, steps=steps)
   keras.utils.set_random_seed(SEED)
-  exp = _fixed_batch_experiment_class()(
-      str(model_dir), strategy_name=strategy_name, jit_compile=jit_compile,
-      print_fn=lambda *a, **k: None)
+  run_settings = settings.Settings(str(model_dir), strategy_name=strategy_name,
+                                   jit_compile=jit_compile)
+  quiet = lambda *a, **k: None  # noqa: E731
+  exp = _fixed_batch_controller_class()(
+      run_settings, tensorflow_engine.Engine(run_settings, quiet),
+      print_fn=quiet)
   exp.start("train")
   if virtual_replicas > 1:
-    _normalise_per_virtual_replica(exp.model, virtual_replicas)
+    _normalise_per_virtual_replica(exp.engine.model, virtual_replicas)
   try:
-    out = {"init": _checksums(exp)[:len(exp.model.variables)],
-           "replicas": exp.strategy.num_replicas_in_sync, "losses": []}
+    out = {"init": _checksums(exp)[:len(exp.engine.model.variables)],
+           "replicas": exp.engine.strategy.num_replicas_in_sync,
+           "losses": []}
     for step in range(1, steps + 1):
       out["losses"].append(exp.train(step))
     out.update(step=exp.step, checksums=_checksums(exp),
@@ -165,15 +175,16 @@ def run_fixed(strategy_name, npz, model_dir, steps=STEPS, jit_compile=False,
 def run_real_data(records, model_dir, steps=2):
   """The default pipeline and default (per-replica) BN, under mirrored."""
   import keras  # pylint: disable=g-import-not-at-top
-  from official_shapemask.training import experiment  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import controller  # pylint: disable=g-import-not-at-top
   _parse_tiny(records, sync_bn=False, steps=steps)
   keras.utils.set_random_seed(SEED)
-  exp = experiment.Experiment(str(model_dir), strategy_name="mirrored",
-                              print_fn=lambda *a, **k: None)
+  exp = controller.build(str(model_dir), strategy_name="mirrored",
+                         print_fn=lambda *a, **k: None)
   exp.start("train")
   try:
     losses = exp.train()
-    return {"replicas": exp.strategy.num_replicas_in_sync, "losses": losses,
+    return {"replicas": exp.engine.strategy.num_replicas_in_sync,
+            "losses": losses,
             "step": exp.step, "report": _replica_report(exp),
             "bn_moved": _bn_moving_moved(exp)}
   finally:
@@ -244,9 +255,9 @@ def fixed_batches(tiny_train_records, tmp_path_factory):
   from official_shapemask.dataloaders import input_reader
   from official_shapemask.dataloaders import shapemask_parser
   from official_shapemask.modeling import factory
-  from official_shapemask.training import experiment
+  from official_shapemask.training import datasets
   _parse_tiny(tiny_train_records, sync_bn=True, steps=STEPS)
-  settings = experiment.model_input_settings(factory.build_shapemask_model())
+  settings = datasets.model_input_settings(factory.build_shapemask_model())
   per = GLOBAL_BATCH // 2
   dataset = input_reader.build_dataset(
       tiny_train_records, shapemask_parser.Parser(mode="train", **settings),

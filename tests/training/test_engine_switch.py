@@ -448,7 +448,7 @@ def test_eval_under_either_engine_takes_the_others_newest_step(switched,
                                                                tmp_path):
   from official_shapemask.modeling import factory  # pylint: disable=g-import-not-at-top
   from official_shapemask.serving import export  # pylint: disable=g-import-not-at-top
-  from official_shapemask.training import experiment  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import controller  # pylint: disable=g-import-not-at-top
   from official_shapemask.training import gin_utils  # pylint: disable=g-import-not-at-top
   run, orbax = switched["model_dir"], switched["at6_orbax"]
   out = switched["jax_eval"]
@@ -459,19 +459,19 @@ def test_eval_under_either_engine_takes_the_others_newest_step(switched,
   # A directory with the JAX engine's checkpoints only has a checkpoint.
   only = tmp_path / "orbax_only"
   shutil.copytree(orbax / "checkpoints", only / "checkpoints")
-  assert experiment.Experiment(str(only)).has_checkpoint()
-  assert not experiment.Experiment(str(tmp_path / "none")).has_checkpoint()
+  assert controller.build(str(only)).has_checkpoint()
+  assert not controller.build(str(tmp_path / "none")).has_checkpoint()
   # --mode=eval under TensorFlow: the JAX engine's newer step 6.
   keras.mixed_precision.set_global_policy("float32")
   gin_utils.parse_config([str(orbax / "config.gin")])
   printed = []
   try:
-    exp = experiment.Experiment(str(orbax), print_fn=printed.append)
+    exp = controller.build(str(orbax), print_fn=printed.append)
     try:
       exp.start("eval")
       assert exp.restore_latest() == f"{orbax}/checkpoints/6"
       assert exp.step == 6
-      weights = [v.numpy() for v in exp.model.weights]
+      weights = [v.numpy() for v in exp.engine.model.weights]
     finally:
       exp.close()
     reference = factory.build_shapemask_model()

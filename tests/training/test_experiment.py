@@ -1,8 +1,10 @@
-"""Experiment in-process: fail-fast input checks, fine-tuning, NaN stop.
+"""A run in-process (controller + TensorFlow engine): fail-fast input checks,
+fine-tuning, NaN stop, background COCO evaluation.
 
 Real data: coco_tiny160 records (conftest) and the synthetic shapes dataset
 (6 classes) for fine-tuning a 91-class checkpoint into a 7-class model.
 """
+import json
 import os
 import re
 import warnings
@@ -16,8 +18,9 @@ import tensorflow as tf
 from official_shapemask.modeling import factory
 from official_shapemask.weights import checkpoints
 from official_shapemask.weights import restore_report
-from official_shapemask.training import experiment
+from official_shapemask.training import controller
 from official_shapemask.training import gin_utils
+from official_shapemask.training import settings
 from official_shapemask.training import train_loop
 
 # The tiny_cpu.gin model as plain keyword arguments (for models built outside
@@ -109,11 +112,11 @@ def test_bad_input_fails_before_the_strategy_starts(
   bindings = [f"TRAIN_FILE_PATTERN='{tiny_train_records}'",
               binding.format(tmp=tmp)]
   _parse(*bindings)
-  exp = experiment.Experiment(str(tmp_path / "run"))
-  with pytest.raises(experiment.InvalidInputError) as err:
+  exp = controller.build(str(tmp_path / "run"))
+  with pytest.raises(settings.InvalidInputError) as err:
     exp.start("train")
   assert named.format(tmp=tmp) in str(err.value)
-  assert exp.strategy is None  # Nothing started.
+  assert exp.engine.strategy is None  # Nothing started.
   assert not (tmp_path / "run").exists()
 
 
@@ -121,10 +124,10 @@ def test_eval_pattern_checked_for_train_and_eval(clean_gin, tiny_train_records,
                                                  tmp_path):
   _parse(f"TRAIN_FILE_PATTERN='{tiny_train_records}'",
          f"EVAL_FILE_PATTERN='{tmp_path}/val-*'")
-  exp = experiment.Experiment(str(tmp_path / "run"))
-  with pytest.raises(experiment.InvalidInputError, match="eval_file_pattern"):
+  exp = controller.build(str(tmp_path / "run"))
+  with pytest.raises(settings.InvalidInputError, match="eval_file_pattern"):
     exp.start("train_and_eval")
-  assert exp.strategy is None
+  assert exp.engine.strategy is None
 
 
 def test_priors_with_another_class_count_fail_with_both_numbers(
@@ -133,13 +136,13 @@ def test_priors_with_another_class_count_fail_with_both_numbers(
   np.save(priors, np.full((91, 20, 32, 32), 0.5, np.float32))
   _parse(f"TRAIN_FILE_PATTERN='{tiny_train_records}'",
          f"SHAPE_PRIOR_PATH='{priors}'", "NUM_CLASSES=7")
-  exp = experiment.Experiment(str(tmp_path / "run"))
-  with pytest.raises(experiment.InvalidInputError) as err:
+  exp = controller.build(str(tmp_path / "run"))
+  with pytest.raises(settings.InvalidInputError) as err:
     exp.start("train")
   message = str(err.value)
   assert str(priors) in message
   assert "91" in message and "7" in message, message
-  assert exp.strategy is None
+  assert exp.engine.strategy is None
 
 
 def test_priors_of_another_size_fail_with_both_sizes(clean_gin,
@@ -149,13 +152,13 @@ def test_priors_of_another_size_fail_with_both_sizes(clean_gin,
   np.save(priors, np.full((91, 4, 16, 16), 0.5, np.float32))
   _parse(f"TRAIN_FILE_PATTERN='{tiny_train_records}'",
          f"SHAPE_PRIOR_PATH='{priors}'")
-  exp = experiment.Experiment(str(tmp_path / "run"))
-  with pytest.raises(experiment.InvalidInputError) as err:
+  exp = controller.build(str(tmp_path / "run"))
+  with pytest.raises(settings.InvalidInputError) as err:
     exp.start("train")
   message = str(err.value)
   assert str(priors) in message and "16x16" in message, message
   assert "mask_crop_size is 32" in message, message
-  assert exp.strategy is None
+  assert exp.engine.strategy is None
   assert not (tmp_path / "run").exists()
 
 
@@ -257,7 +260,7 @@ def test_finetune_91_class_checkpoint_on_7_classes(
          f"RESNET_CHECKPOINT='{path}'", "INIT_CHECKPOINT_MODULES='all'",
          "TOTAL_STEPS=2", "STEPS_PER_LOOP=2", "CHECKPOINT_EVERY=2")
   printed = []
-  exp = experiment.Experiment(str(tmp_path / "run"),
+  exp = controller.build(str(tmp_path / "run"),
                               print_fn=lambda *a, **k: printed.append(a[0]))
   try:
     exp.start("train")
@@ -283,7 +286,7 @@ def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(
          "LR_STEPS=[3]", "TOTAL_STEPS=12", "STEPS_PER_LOOP=3",
          "CHECKPOINT_EVERY=3")
   model_dir = tmp_path / "run"
-  exp = experiment.Experiment(str(model_dir), print_fn=lambda *a, **k: None)
+  exp = controller.build(str(model_dir), print_fn=lambda *a, **k: None)
   try:
     exp.start("train")
     with pytest.raises(train_loop.DivergenceError) as err:
@@ -309,3 +312,51 @@ def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(
     value = reader.get_tensor(name)
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
       assert np.all(np.isfinite(value)), name
+
+
+# ------------------------------------------------ background COCO evaluation
+@pytest.mark.slow
+def test_train_and_eval_scores_in_the_background(
+    clean_gin, tiny_train_records, tiny_val_records, tmp_path):
+  """The TensorFlow engine's evaluations inside train_and_eval run COCOeval
+  in a spawned process while training goes on; the result is the one a
+  foreground evaluation of the same checkpoint gives."""
+  _parse(f"TRAIN_FILE_PATTERN='{tiny_train_records}'",
+         f"EVAL_FILE_PATTERN='{tiny_val_records}'", "TOTAL_STEPS=4",
+         "STEPS_PER_LOOP=2", "CHECKPOINT_EVERY=2", "EVAL_EVERY=2",
+         "EVAL_SAMPLES=8", "EVAL_BATCH_SIZE=4")
+  model_dir = tmp_path / "run"
+  printed = []
+  run = controller.build(str(model_dir),
+                         print_fn=lambda *a, **k: printed.append(a[0]))
+  try:
+    run.start("train_and_eval")
+    run.train(2)
+    assert run.evaluate() is None  # Scored in the background.
+    assert run.evaluations.pending == 1
+    run.train(4)  # Training goes on meanwhile.
+    final = run.evaluate()  # The last step: in the foreground.
+  finally:
+    run.close()
+  assert run.evaluations.pending == 0
+  assert final["step"] == 4
+  background = json.loads((model_dir / "eval_2.json").read_text())
+  assert background["step"] == 2 and background["num_images"] == 8
+  text = _lines(printed)
+  assert text.count("Evaluation at step 2 (8 images") == 1
+  assert text.count("Evaluation at step 4 (8 images") == 1
+  assert text.index("step 4/4 ") < text.index("Evaluation at step 4")
+
+  # The same checkpoint evaluated in the foreground (--mode=eval's path).
+  (model_dir / "eval_2.json").unlink()
+  evaluation = controller.build(str(model_dir), print_fn=lambda *a, **k: None)
+  try:
+    evaluation.start("eval")
+    assert evaluation.restore(str(model_dir / "ckpt-2")) == 2
+    evaluation.evaluate()
+  finally:
+    evaluation.close()
+  again = json.loads((model_dir / "eval_2.json").read_text())
+  timing = ("eval_seconds", "predict_seconds")
+  assert {k: v for k, v in again.items() if k not in timing} == {
+      k: v for k, v in background.items() if k not in timing}

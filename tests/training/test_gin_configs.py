@@ -19,10 +19,12 @@ import tensorflow as tf
 
 from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
-from official_shapemask.training import experiment
+from official_shapemask.training import datasets
 from official_shapemask.training import gin_utils
 from official_shapemask.training import optimizers
+from official_shapemask.training import settings
 from official_shapemask.training import train_loop
+from official_shapemask.training import validation
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 GIN_DIR = REPO_ROOT / "gin"
@@ -136,7 +138,7 @@ def test_the_seed_configs_exist():
 def test_gin_file_parses_and_gives_its_settings(name, data_paths, tmp_path):
   _parse(name, data_paths)
   row = EXPECTED[name]
-  exp = experiment.Experiment(str(tmp_path / "run"))
+  exp = settings.Settings(str(tmp_path / "run"))
   assert exp.train_batch_size == row["batch"]
   assert exp.total_steps == row["total"]
   assert exp.train_file_pattern == data_paths["TRAIN_FILE_PATTERN"]
@@ -150,9 +152,9 @@ def test_gin_file_parses_and_gives_its_settings(name, data_paths, tmp_path):
   if name != "tiny_cpu.gin":  # The reference's levels.
     assert (model["min_level"], model["max_level"]) == (3, 7)
   # The inputs (priors of the model's class count) pass the pre-start checks.
-  experiment.validate_inputs("train", exp.train_file_pattern, None, None)
+  validation.validate_inputs("train", exp.train_file_pattern, None, None)
 
-  optimizer = experiment.build_momentum_optimizer()
+  optimizer = optimizers.build_momentum_optimizer()
   form, l2_rule = SEED_TRAINING[name]
   assert isinstance(optimizer, {"tf1": optimizers.TF1Momentum,
                                 "keras": keras.optimizers.SGD}[form])
@@ -198,13 +200,13 @@ def test_mask_sampler_of_each_config(name, data_paths):
 def test_mask_sampler_binding_reaches_the_train_parser(data_paths,
                                                        monkeypatch):
   built = []
-  monkeypatch.setattr(experiment.input_reader, "build_dataset",
+  monkeypatch.setattr(datasets.input_reader, "build_dataset",
                       lambda pattern, parser, *args, **kwargs:
                       built.append(parser))
   for sampler in shapemask_parser.MASK_SAMPLERS:
     _parse("tiny_cpu.gin", data_paths, f"Parser.mask_sampler = '{sampler}'")
     model = factory.build_shapemask_model()
-    experiment.make_train_dataset_fn("unused-*", 4, model)(
+    datasets.make_train_dataset_fn("unused-*", 4, model)(
         tf.distribute.InputContext())
     assert (built[-1].mode, built[-1].mask_sampler) == ("train", sampler)
 
@@ -228,11 +230,11 @@ def test_tiny_cpu_builds(data_paths):
 def test_other_gin_files_parse_and_small_ones_build(name, data_paths,
                                                     tmp_path):
   classes = _parse(name, data_paths)
-  exp = experiment.Experiment(str(tmp_path / "run"))
+  exp = settings.Settings(str(tmp_path / "run"))
   assert exp.total_steps > 0 and exp.train_batch_size > 0
-  experiment.validate_inputs("train", exp.train_file_pattern, None, None)
+  validation.validate_inputs("train", exp.train_file_pattern, None, None)
   schedule = keras.optimizers.schedules.deserialize(
-      experiment.build_momentum_optimizer().get_config()["learning_rate"])
+      optimizers.build_momentum_optimizer().get_config()["learning_rate"])
   config = schedule.get_config()
   if "warmup_learning_rate" in config:
     assert _lr(schedule, 0) == pytest.approx(config["warmup_learning_rate"])
@@ -263,10 +265,10 @@ def test_r101_builds_and_traces_one_train_step(data_paths, tiny_train_records):
   model = factory.build_shapemask_model()
   _check_built(model, "shapemask_r101.gin", data_paths)
   assert model.count_params() > 50_000_000
-  optimizer = experiment.build_momentum_optimizer()
+  optimizer = optimizers.build_momentum_optimizer()
   optimizer.build(model.trainable_variables)
   # Specs of the real training input at 1024 px, batch 1 (graph only).
-  dataset = experiment.make_train_dataset_fn(
+  dataset = datasets.make_train_dataset_fn(
       tiny_train_records, 1, model)(tf.distribute.InputContext())
   images_spec, labels_spec = dataset.element_spec
   assert images_spec.shape == (1, 1024, 1024, 3)
@@ -361,3 +363,25 @@ def test_overriding_a_macros_only_use_is_not_a_misspelling(data_paths):
   assert gin.query_parameter("Experiment.eval_samples") == 8
   with pytest.raises(gin_utils.ConfigError, match="EVAL_SAMPLEZ"):
     _parse("tiny_cpu.gin", data_paths, "EVAL_SAMPLEZ = 8")
+
+
+def test_every_configurable_module_is_registered():
+  """A run's config.gin names every configurable it called (e.g.
+  `build_dataset.cache`); parsing it elsewhere (export, a resumed run)
+  needs `register_configurables` to import each module that defines one."""
+  package = REPO_ROOT / "official_shapemask"
+  defining = sorted(
+      ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+      for path in package.rglob("*.py")
+      if "@gin.configurable" in path.read_text())
+  assert "official_shapemask.dataloaders.input_reader" in defining
+  script = (
+      "import sys\n"
+      "from official_shapemask.training import gin_utils\n"
+      "gin_utils.register_configurables()\n"
+      "print(' '.join(m for m in sys.argv[1:] if m not in sys.modules))\n")
+  proc = subprocess.run(
+      [sys.executable, "-c", script, *defining], cwd=REPO_ROOT,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=""),
+      capture_output=True, text=True, timeout=300, check=True)
+  assert proc.stdout.split() == [], proc.stdout

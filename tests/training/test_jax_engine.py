@@ -1,10 +1,11 @@
 """The JAX engine's loop and fine-tuning start (JAX subprocesses).
 
-The loop stops at a non-finite or exploding loss naming the step (a
-stand-in step, no compile; the explosion rule is the TF loop's
-`divergence.LossGuard`); a fine-tuning run starts from a Keras backbone weights file through
-TensorFlow's readers (`init_weights_tf` in a subprocess), and a file that
-cannot initialise the asked modules stops it with one line naming the file.
+The engine's rounds return every step's losses and the controller stops at
+a non-finite or exploding one naming the step (a stand-in step, no compile;
+the one rule, `divergence.LossGuard`); a fine-tuning run starts from a Keras
+backbone weights file through TensorFlow's readers (`init_weights_tf` in a
+subprocess), and a file that cannot initialise the asked modules stops it
+with one line naming the file.
 """
 import textwrap
 
@@ -13,10 +14,12 @@ import pytest
 _DIVERGING = textwrap.dedent("""
     import sys
     import numpy as np
-    from official_shapemask.training import experiment
-    from official_shapemask.training import jax_engine
+    from official_shapemask.training import controller
     from official_shapemask.training import jax_step
+    from official_shapemask.training import progress
+    from official_shapemask.training import settings
     from official_shapemask.training import train_loop
+    from official_shapemask.training.engines import jax_engine
 
     calls = []
 
@@ -31,17 +34,19 @@ _DIVERGING = textwrap.dedent("""
       def save(self, step, state):
         raise AssertionError("a diverged round was saved")
 
-    settings = experiment.Experiment("/tmp/unused", steps_per_loop=4,
+    run_settings = settings.Settings("/tmp/unused", steps_per_loop=4,
                                      checkpoint_every=4, total_steps=8,
                                      train_batch_size=2)
-    exp = jax_engine.JaxExperiment(settings)
-    exp.distribution = jax_step.data_parallel()
-    exp.train_step, exp.manager, exp.state = fake_step, FakeManager(), ()
+    engine = jax_engine.Engine(run_settings)
+    engine.distribution = jax_step.data_parallel()
+    engine.train_step, engine.manager, engine.state = (
+        fake_step, FakeManager(), ())
+    run = controller.Controller(run_settings, engine)
     batch = (np.zeros((2, 4, 4, 3), np.float32), {"x": np.zeros((2, 1))})
-    exp._iterator = iter([batch] * 8)
-    exp._logger = train_loop.ProgressLogger(8, 2, print_fn=print)
+    run._iterator = iter([batch] * 8)
+    run._logger = progress.ProgressLogger(8, 2, print_fn=print)
     try:
-      exp.train()
+      run.train()
     except train_loop.DivergenceError as e:
       message = str(e)
     else:
@@ -49,7 +54,9 @@ _DIVERGING = textwrap.dedent("""
     assert message.startswith(sys.argv[2]), message
     assert ("the last good checkpoint is kept: /run/checkpoints/0"
             in message), message
-    assert exp.step == 0
+    # The engine ran the whole round (its losses are read at its end);
+    # the controller checked them and saved nothing.
+    assert engine.step == 4 and len(calls) == 4
     print("OK")
 """)
 
@@ -70,9 +77,9 @@ _INIT = textwrap.dedent("""
     import numpy as np
     from official_shapemask.modeling import factory
     from official_shapemask.weights import checkpoints
-    from official_shapemask.training import experiment
     from official_shapemask.training import gin_utils
-    from official_shapemask.training import jax_engine
+    from official_shapemask.training import settings
+    from official_shapemask.training.engines import jax_engine
 
     work = sys.argv[1]
     source = f"{work}/source_backbone.weights.h5"
@@ -86,29 +93,33 @@ _INIT = textwrap.dedent("""
     donor = factory.build_shapemask_model()
     checkpoints.save_backbone_weights(donor, source)
     keras.utils.set_random_seed(2)
-    exp = jax_engine.JaxExperiment(experiment.Experiment(work))
-    exp.model = factory.build_shapemask_model()
-    before = [np.asarray(v.value) for v in exp.model.decoder.weights]
     lines = []
-    exp.print_fn = lines.append
-    exp._initialize_from(source, "backbone")
-    for a, b in zip(donor.backbone.weights, exp.model.backbone.weights):
+    engine = jax_engine.Engine(settings.Settings(work), print_fn=lines.append)
+    engine.start("train", {})
+    model = engine.model
+    before = [np.asarray(v.value) for v in model.decoder.weights]
+    engine.initialize_from(source, "backbone")
+    for a, b in zip(donor.backbone.weights, model.backbone.weights):
       np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
+    # The training state follows the loaded weights.
+    for a, b in zip(model.trainable_variables, engine.state[0]):
+      np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b))
     # The decoder was not in the file: not the donor's values.
     assert not all(np.array_equal(np.asarray(a.value), np.asarray(b.value))
                    for a, b in zip(donor.decoder.weights,
-                                   exp.model.decoder.weights))
-    assert len(before) == len(exp.model.decoder.weights)
+                                   model.decoder.weights))
+    assert len(before) == len(model.decoder.weights)
     report = "\\n".join(lines)
     assert f"Restored from {source} (modules=backbone)" in report, report
     try:
-      exp._initialize_from(source, "all")
-    except experiment.InvalidInputError as e:
+      engine.initialize_from(source, "all")
+    except settings.InvalidInputError as e:
       message = str(e)
     else:
       raise AssertionError("modules=all from a backbone file did not fail")
     assert "\\n" not in message and source in message, message
     assert "'backbone' or 'backbone_fpn'" in message, message
+    engine.close()
     print("OK")
 """)
 

@@ -65,7 +65,7 @@ def inputs(tiny_train_records, tmp_path_factory):
   from official_shapemask.dataloaders import input_reader
   from official_shapemask.dataloaders import shapemask_parser
   from official_shapemask.modeling import factory
-  from official_shapemask.training import experiment
+  from official_shapemask.training import datasets
   from official_shapemask.training import schedules
   from official_shapemask.training import train_loop
   if keras.backend.backend() != "tensorflow":
@@ -85,7 +85,7 @@ def inputs(tiny_train_records, tmp_path_factory):
   np.save(out / "priors.npy", priors)
   model.save_weights(str(out / "init.weights.h5"))
   parser = shapemask_parser.Parser(
-      mode="train", seed=0, **experiment.model_input_settings(model))
+      mode="train", seed=0, **datasets.model_input_settings(model))
   dataset = input_reader.build_dataset(tiny_train_records, parser, BATCH,
                                        is_training=True, deterministic=True)
   images, labels = next(iter(dataset))
@@ -100,7 +100,7 @@ def inputs(tiny_train_records, tmp_path_factory):
   loop = train_loop.TrainLoop(strategy, model, optimizer)
   iterator = iter(strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensors((images, labels)).repeat()))
-  losses = [loop.run(iterator, 1) for _ in range(STEPS)]
+  losses = [loop.run(iterator, 1)[0] for _ in range(STEPS)]
   state = {"trainable": [v.numpy() for v in model.trainable_variables],
            "non_trainable": [v.numpy() for v in model.non_trainable_variables],
            "optimizer": [v.numpy() for v in optimizer.variables]}
@@ -117,7 +117,7 @@ _JAX_SCRIPT = textwrap.dedent("""
     import keras
     import jax
     from official_shapemask.modeling import factory
-    from official_shapemask.training import jax_engine
+    from official_shapemask.training.engines import jax_engine
     from official_shapemask.training import jax_step
     from official_shapemask.training import schedules
 

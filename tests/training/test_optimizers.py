@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from official_shapemask.training import experiment
 from official_shapemask.training import optimizers
 from official_shapemask.training import schedules
 
@@ -134,15 +133,15 @@ def test_keras_form_differs_after_a_change_of_learning_rate(problem):
 
 
 def test_build_momentum_optimizer_forms():
-  sgd = experiment.build_momentum_optimizer(0.1)
+  sgd = optimizers.build_momentum_optimizer(0.1)
   assert type(sgd) is keras.optimizers.SGD  # The default: today's runs.
   assert (sgd.momentum, sgd.nesterov) == (0.9, False)
-  tf1 = experiment.build_momentum_optimizer(0.1, momentum=0.8, nesterov=True,
+  tf1 = optimizers.build_momentum_optimizer(0.1, momentum=0.8, nesterov=True,
                                             momentum_form="tf1")
   assert isinstance(tf1, optimizers.TF1Momentum)
   assert (tf1.momentum, tf1.nesterov) == (0.8, True)
   with pytest.raises(ValueError, match="momentum_form='tf2'.*'keras', 'tf1'"):
-    experiment.build_momentum_optimizer(0.1, momentum_form="tf2")
+    optimizers.build_momentum_optimizer(0.1, momentum_form="tf2")
   with pytest.raises(ValueError, match="momentum"):
     optimizers.TF1Momentum(0.1, momentum=1.5)
 

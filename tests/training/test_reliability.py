@@ -16,9 +16,9 @@ import keras
 import pytest
 import tensorflow as tf
 
-from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
 from official_shapemask.training import modes
+from official_shapemask.training import settings
 from official_shapemask.training import train_loop
 
 BASE = ("STEPS_PER_LOOP=1", "CHECKPOINT_EVERY=1", "TOTAL_STEPS=2")
@@ -88,7 +88,7 @@ def test_label_map_in_the_pattern_is_skipped_saying_so(trained):
 def test_eval_never_replaces_the_training_config(trained, run_copy,
                                                  tiny_val_records):
   # One wrong binding: the checkpoint is named, nothing is overwritten.
-  with pytest.raises(experiment.InvalidInputError) as err:
+  with pytest.raises(settings.InvalidInputError) as err:
     _run("eval", run_copy, trained["pattern"], "RESNET_DEPTH=18",
          eval_pattern=tiny_val_records)
   message = str(err.value)
@@ -188,7 +188,7 @@ def test_damaged_shard_is_named(trained, tiny_train_records, tmp_path):
   raw = bytearray(damaged.read_bytes())
   raw[len(raw) // 3] ^= 0xFF
   damaged.write_bytes(bytes(raw))
-  with pytest.raises(experiment.InvalidInputError) as err:
+  with pytest.raises(settings.InvalidInputError) as err:
     _run("train", tmp_path / "run", str(data_dir / "train-*"),
          "TOTAL_STEPS=4")
   message = str(err.value)
@@ -205,7 +205,7 @@ def test_a_file_that_is_not_a_tfrecord_is_named_before_training(
   shutil.copy(sorted(glob.glob(tiny_train_records))[0], data_dir)
   notes = data_dir / "train-notes"
   notes.write_text("shards converted on Monday")
-  with pytest.raises(experiment.InvalidInputError) as err:
+  with pytest.raises(settings.InvalidInputError) as err:
     _run("train", tmp_path / "run", str(data_dir / "train-*"))
   assert str(err.value) == (
       f"train_file_pattern: {notes} is not a TFRecord file: its first record "
@@ -224,7 +224,7 @@ def test_damaged_eval_shard_is_named(trained, run_copy, tiny_val_records,
   raw = bytearray(damaged.read_bytes())
   raw[len(raw) // 3] ^= 0xFF
   damaged.write_bytes(bytes(raw))
-  with pytest.raises(experiment.InvalidInputError) as err:
+  with pytest.raises(settings.InvalidInputError) as err:
     _run("eval", run_copy, trained["pattern"],
          eval_pattern=str(data_dir / "val-*"))
   assert str(err.value).startswith(

@@ -23,8 +23,9 @@ import pytest
 import yaml
 
 from official_shapemask.modeling import factory
-from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
+from official_shapemask.training import optimizers
+from official_shapemask.training import settings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEED = REPO_ROOT / ".." / "shared" / "seed" / "000_33f90d029d487fdb.txt"
@@ -118,12 +119,12 @@ def _effective(name, bindings=()):
   with gin.unlock_config():
     gin.clear_config()
   gin_utils.parse_config([name], list(bindings))
-  exp = experiment.Experiment("unused")
+  exp = settings.Settings("unused")
   defaults = {k: p.default for k, p in inspect.signature(
       factory.build_shapemask_model).parameters.items()}
   model = dict(defaults, **gin.get_bindings(factory.build_shapemask_model))
   schedule = keras.optimizers.schedules.deserialize(
-      experiment.build_momentum_optimizer().get_config()[
+      optimizers.build_momentum_optimizer().get_config()[
           "learning_rate"]).get_config()
   lr = "train.learning_rate."
   return {

@@ -1,6 +1,6 @@
 """Sizes and step counts that are not positive whole numbers: one line.
 
-`Experiment` checks them where gin hands them over, naming the gin setting
+`Settings` (gin name `Experiment`) checks them where gin hands them over, naming the gin setting
 (its macro when bound through one) before anything is built or created.
 """
 import os
@@ -11,8 +11,8 @@ import sys
 import gin
 import pytest
 
-from official_shapemask.training import experiment
 from official_shapemask.training import gin_utils
+from official_shapemask.training import settings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def clean_gin():
 def _experiment(*bindings):
   gin_utils.parse_config(["tiny_cpu.gin"],
                          ["TRAIN_FILE_PATTERN='unused'", *bindings])
-  return experiment.create("/nonexistent/run")
+  return settings.create("/nonexistent/run")
 
 
 @pytest.mark.parametrize("binding,message", [
@@ -53,7 +53,7 @@ def _experiment(*bindings):
      "positive whole number"),
 ])
 def test_non_positive_settings_are_named(clean_gin, binding, message):
-  with pytest.raises(experiment.InvalidInputError) as err:
+  with pytest.raises(settings.InvalidInputError) as err:
     _experiment(binding)
   assert str(err.value) == message
 

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from official_shapemask.training import experiment
+from official_shapemask.training import controller
 from official_shapemask.training import gin_utils
+from official_shapemask.training import settings
 from official_shapemask.training import shape_prior_files
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -70,11 +71,11 @@ def test_remote_priors_are_copied_once_and_built_into_the_model(
   gin_utils.parse_config(["tiny_cpu.gin"], [
       f"TRAIN_FILE_PATTERN='{train_pattern}'",
       f"SHAPE_PRIOR_PATH='{remote}'"])
-  exp = experiment.Experiment(str(tmp_path / "run"), print_fn=lambda *a: None)
+  exp = controller.build(str(tmp_path / "run"), print_fn=lambda *a: None)
   exp.start("train")
   try:
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(exp.model.prior_head.shape_priors), priors)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(
+        exp.engine.model.prior_head.shape_priors), priors)
   finally:
     exp.close()
   copy = shape_prior_files.cached_path(remote)
@@ -96,13 +97,13 @@ def test_unreadable_remote_priors_stop_before_start_in_one_line(
   gin_utils.parse_config(["shapemask_r101.gin"], [
       f"TRAIN_FILE_PATTERN='{train_pattern}'",
       f"SHAPE_PRIOR_PATH='{MISSING_GS}'"])
-  exp = experiment.Experiment(str(tmp_path / "run"))
+  exp = controller.build(str(tmp_path / "run"))
   start = time.time()
-  with pytest.raises(experiment.InvalidInputError) as err:
+  with pytest.raises(settings.InvalidInputError) as err:
     exp.start("train")
   seconds = time.time() - start
   message = str(err.value)
-  assert exp.strategy is None and not (tmp_path / "run").exists()
+  assert exp.engine.strategy is None and not (tmp_path / "run").exists()
   assert "\n" not in message
   assert f"SHAPE_PRIOR_PATH='{MISSING_GS}' cannot be read" in message
   assert "local copy" in message and f"gsutil cp '{MISSING_GS}'" in message

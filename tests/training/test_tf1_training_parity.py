@@ -221,7 +221,7 @@ def _run_tf_loop(work, model_overrides=None, optimizer_overrides=None):
   import tensorflow as tf
   from official_shapemask.modeling import factory
   from official_shapemask.weights import checkpoints
-  from official_shapemask.training import experiment
+  from official_shapemask.training import optimizers
   from official_shapemask.training import schedules
   from official_shapemask.weights import tf1_names
   from official_shapemask.training import train_loop
@@ -233,7 +233,7 @@ def _run_tf_loop(work, model_overrides=None, optimizer_overrides=None):
     model = factory.build_shapemask_model(
         shape_prior_path=str(work / "priors.npy"),
         **(MODEL | (model_overrides or {})))
-    optimizer = experiment.build_momentum_optimizer(
+    optimizer = optimizers.build_momentum_optimizer(
         learning_rate=schedules.StepDecayWithWarmup(**SCHEDULE),
         **(OPTIMIZER | (optimizer_overrides or {})))
     optimizer.build(model.trainable_variables)
@@ -245,7 +245,7 @@ def _run_tf_loop(work, model_overrides=None, optimizer_overrides=None):
       (data["images"], _nested_labels(data)))
   iterator = iter(strategy.experimental_distribute_dataset(dataset))
   loop = train_loop.TrainLoop(strategy, model, optimizer)
-  losses = [loop.run(iterator, 1) for _ in range(STEPS)]
+  losses = [loop.run(iterator, 1)[0] for _ in range(STEPS)]
   entries = tf1_names.tf1_variables(model)
   final = {e.name: np.asarray(e.variable.numpy()) for e in entries}
   decayed = {id(v) for v in model.l2_regularized_variables()}
@@ -259,8 +259,8 @@ _JAX_SCRIPT = textwrap.dedent("""
     import numpy as np
     from official_shapemask.modeling import factory
     from official_shapemask.weights import checkpoints
-    from official_shapemask.training import experiment
     from official_shapemask.training import jax_step
+    from official_shapemask.training import optimizers
     from official_shapemask.training import schedules
     from official_shapemask.weights import tf1_names
 
@@ -270,7 +270,7 @@ _JAX_SCRIPT = textwrap.dedent("""
         shape_prior_path=f"{work}/priors.npy", **model_kwargs)
     checkpoints.restore_tf1_checkpoint(model, f"{work}/initial",
                                        modules="all", print_fn=None)
-    optimizer = experiment.build_momentum_optimizer(
+    optimizer = optimizers.build_momentum_optimizer(
         learning_rate=schedules.StepDecayWithWarmup(**schedule),
         **optimizer_kwargs)
     distribution = jax_step.data_parallel(jax.devices()[:1])

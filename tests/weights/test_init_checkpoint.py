@@ -19,8 +19,9 @@ from keras import ops
 
 from official_shapemask.modeling import factory
 from official_shapemask.weights import checkpoints
-from official_shapemask.training import experiment
+from official_shapemask.training import controller
 from official_shapemask.training import gin_utils
+from official_shapemask.training import settings
 from official_shapemask.weights import init_checkpoint
 from official_shapemask.weights import tf1_names
 
@@ -77,7 +78,7 @@ def test_configs_default_to_the_seeds_imagenet_files(clean_gin, train_pattern,
                                                      name, path, prefix):
   gin_utils.parse_config([name], [f"TRAIN_FILE_PATTERN='{train_pattern}'",
                                   "SHAPE_PRIOR_PATH=None"])
-  exp = experiment.Experiment("unused")
+  exp = settings.Settings("unused")
   assert exp.init_checkpoint == path
   assert exp.init_checkpoint_prefix == prefix
   assert exp.init_checkpoint_modules == "backbone"
@@ -89,13 +90,13 @@ def test_unreadable_remote_file_stops_before_start_with_what_to_do(
       f"TRAIN_FILE_PATTERN='{train_pattern}'", "SHAPE_PRIOR_PATH=None",
       "build_shapemask_model.num_clusters=20",
       f"RESNET_CHECKPOINT='{MISSING_GS}'"])
-  exp = experiment.Experiment(str(tmp_path / "run"))
+  exp = controller.build(str(tmp_path / "run"))
   start = time.time()
-  with pytest.raises(experiment.InvalidInputError) as err:
+  with pytest.raises(settings.InvalidInputError) as err:
     exp.start("train")
   seconds = time.time() - start
   message = str(err.value)
-  assert exp.strategy is None and not (tmp_path / "run").exists()
+  assert exp.engine.strategy is None and not (tmp_path / "run").exists()
   assert "\n" not in message
   assert f"RESNET_CHECKPOINT='{MISSING_GS}' cannot be read" in message
   assert "local copy" in message
@@ -154,24 +155,24 @@ def test_tf1_backbone_file_initialises_training_and_keeps_freezing(
       "build_shapemask_model.freeze_early_convs=True"])
   scope, path, tensors = _tiny_model_and_backbone_file(tmp_path)
   # Without the prefix: refused before the strategy starts, with the hint.
-  exp = experiment.Experiment(str(tmp_path / "run0"))
-  exp.init_checkpoint = path
-  with pytest.raises(experiment.InvalidInputError,
+  exp = controller.build(str(tmp_path / "run0"))
+  exp.settings.init_checkpoint = path
+  with pytest.raises(settings.InvalidInputError,
                      match=f"prefix '{scope}'"):
     exp.start("train")
-  assert exp.strategy is None
+  assert exp.engine.strategy is None
 
   printed = []
-  exp = experiment.Experiment(str(tmp_path / "run"),
+  exp = controller.build(str(tmp_path / "run"),
                               print_fn=lambda *a, **k: printed.append(a[0]))
-  exp.init_checkpoint, exp.init_checkpoint_prefix = path, scope
+  exp.settings.init_checkpoint, exp.settings.init_checkpoint_prefix = path, scope
   try:
     exp.start("train")
-    stem = exp.model.backbone.stem.conv.kernel
+    stem = exp.engine.model.backbone.stem.conv.kernel
     np.testing.assert_array_equal(ops.convert_to_numpy(stem),
                                   tensors["conv2d/kernel"])
     assert not stem.trainable
-    assert exp.model.backbone.groups[1][0].convs[0].conv.kernel.trainable
+    assert exp.engine.model.backbone.groups[1][0].convs[0].conv.kernel.trainable
   finally:
     exp.close()
   text = _lines(printed)
@@ -187,16 +188,16 @@ def test_from_scratch_nothing_stays_frozen(clean_gin, train_pattern,
       "build_shapemask_model.freeze_early_convs=True",
       "build_shapemask_model.freeze_early_norms=True"])
   printed = []
-  exp = experiment.Experiment(str(tmp_path / "run"),
+  exp = controller.build(str(tmp_path / "run"),
                               print_fn=lambda *a, **k: printed.append(a[0]))
   try:
     exp.start("train")
-    backbone = exp.model.backbone
+    backbone = exp.engine.model.backbone
     assert backbone.stem.conv.kernel.trainable
     assert backbone.stem.bn.gamma.trainable
     assert all(v.trainable for v in backbone.groups[0][0].convs[0].weights
                if "moving" not in v.path)
-    trainable = {id(v) for v in exp.model.trainable_variables}
+    trainable = {id(v) for v in exp.engine.model.trainable_variables}
     assert id(backbone.stem.conv.kernel) in trainable
   finally:
     exp.close()

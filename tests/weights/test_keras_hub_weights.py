@@ -269,8 +269,8 @@ def test_init_checkpoint_dispatch_takes_presets(r50, tmp_path):
   """RESNET_CHECKPOINT=<preset> goes through the one init-checkpoint path."""
   import gin  # pylint: disable=g-import-not-at-top
   from official_shapemask.modeling import factory  # pylint: disable=g-import-not-at-top
-  from official_shapemask.training import experiment  # pylint: disable=g-import-not-at-top
   from official_shapemask.training import gin_utils  # pylint: disable=g-import-not-at-top
+  from official_shapemask.training import validation  # pylint: disable=g-import-not-at-top
   from official_shapemask.weights import init_checkpoint  # pylint: disable=g-import-not-at-top
   folder = str(r50.folder)
   assert init_checkpoint.checkpoint_kind(folder) == init_checkpoint.KERAS_HUB
@@ -285,9 +285,9 @@ def test_init_checkpoint_dispatch_takes_presets(r50, tmp_path):
     gin_utils.parse_config(["tiny_cpu.gin"], ["TRAIN_FILE_PATTERN='unused'",
                                               "RESNET_DEPTH=101"])
     # Checked before any model exists: a ResNet-50 preset, a 101 model.
-    with pytest.raises(experiment.InvalidInputError,
+    with pytest.raises(validation.InvalidInputError,
                        match=r"ResNet-50.*ResNet-101"):
-      experiment.validate_init_checkpoint(folder)
+      validation.validate_init_checkpoint(folder)
   finally:
     with gin.unlock_config():
       gin.clear_config()

@@ -74,10 +74,10 @@ def worker_ours_train(spec):
                               gradient_clip_norm=spec["clip"],
                               jit_compile=False)
   t = time.perf_counter()
-  losses = loop.run(iterator, 1)
+  losses = loop.run(iterator, 1)[-1]
   first = time.perf_counter() - t
   def step():
-    losses.update(loop.run(iterator, 1))
+    losses.update(loop.run(iterator, 1)[-1])
 
   times = common.timed_steps(step, spec["warmup"], spec["steps"])
   replicas = strategy.num_replicas_in_sync
