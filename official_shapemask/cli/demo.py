@@ -46,6 +46,9 @@ _FRESH = flags.DEFINE_bool(
 
 
 MARKER = ".shapemask_demo"
+# Side of the shape priors: gin/demo.gin's build_shapemask_model.
+# mask_crop_size (the model refuses priors of another size).
+PRIOR_SIZE = 16
 
 
 def check_output_dir(out, records):
@@ -84,9 +87,11 @@ def _run(title, args):
   args = ["-m", f"official_shapemask.cli.{args[0]}"] + list(args[1:])
   print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
   env = dict(os.environ, PYTHONUNBUFFERED="1")
+  start = time.time()
   proc = subprocess.run([sys.executable] + args, env=env, check=False)
   if proc.returncode:
     raise SystemExit(f"demo: step '{title}' failed (exit {proc.returncode})")
+  print(f"=== {title}: {time.time() - start:.1f} s", flush=True)
 
 
 def write_contact_sheet(paths, sheet_path, columns=3):
@@ -139,7 +144,8 @@ def main(argv):
   _run("3/6 shape priors", [
       "generate_shape_priors",
       f"--annotation_file={data}/annotations/instances_train.json",
-      f"--output={priors}", "--num_clusters=8"
+      f"--output={priors}", "--num_clusters=8",
+      f"--prior_size={PRIOR_SIZE}"
   ])
   bindings = [
       f"--gin_bindings=TRAIN_FILE_PATTERN='{records}/train-*'",

@@ -71,7 +71,7 @@ def main(argv):
     raise app.UsageError(
         "--strategy and --tpu choose the TensorFlow loop's tf.distribute "
         "strategy; with KERAS_BACKEND=jax the JAX engine uses every device "
-        "of every process (see README: multi-host)")
+        "of every process (see docs/engines.md: several hosts)")
   from official_shapemask.training import divergence
   from official_shapemask.training import gin_utils
   from official_shapemask.training import interrupt

@@ -1,20 +1,39 @@
 """Static-shape greedy non-maximum suppression in keras.ops.
 
 Works on any backend and compiles under XLA (``jit_compile=True``) and
-``jax.jit``: the loop is a ``keras.ops.while_loop`` with a static bound and
-fixed-shape state.
+``jax.jit``: the loop has a static bound and fixed-shape state.
+
+Two forms of the loop, with the same results (`fixed_steps`): under
+TensorFlow (graph execution on the host) a ``keras.ops.while_loop`` that
+stops as soon as no candidate is left; under JAX a ``keras.ops.fori_loop``
+over all ``max_output_size`` steps, whose trip count XLA knows. An XLA GPU
+executable runs a loop of unknown trip count by copying its condition to
+the host and waiting for it at every iteration; with a known count it
+launches the iterations back to back. Steps after the candidates run out
+change nothing (they find no best box and write what the padded slots
+already hold).
 """
 
+import keras
 from keras import ops
 
 from official_shapemask.ops import box_ops
+
+
+def default_fixed_steps():
+  """Whether the NMS loops run a fixed trip count (JAX) or exit early.
+
+  Public so that benchmarks can switch the form (tools/bench/cost_analysis).
+  """
+  return keras.backend.backend() == "jax"
 
 
 def non_max_suppression_padded(boxes,
                                scores,
                                max_output_size,
                                iou_threshold=0.5,
-                               score_threshold=float("-inf")):
+                               score_threshold=float("-inf"),
+                               fixed_steps=None):
   """Exact greedy NMS for a batch of independent box sets, padded output.
 
   Semantics follow ``tf.image.non_max_suppression_padded`` as called by the
@@ -36,6 +55,9 @@ def non_max_suppression_padded(boxes,
     max_output_size: python int, the number of output slots.
     iou_threshold: python float.
     score_threshold: python float.
+    fixed_steps: bool, always run ``max_output_size`` steps (a loop of
+      known trip count) instead of stopping early; None: True under JAX,
+      False under TensorFlow (see the module docstring). Same results.
 
   Returns:
     indices: int32 ``[..., max_output_size]``, positions (into K) of the kept
@@ -68,6 +90,7 @@ def non_max_suppression_padded(boxes,
     return ops.logical_and(step < max_output_size, ops.any(alive))
 
   def body(step, alive, indices, valid):
+    step = ops.cast(step, "int32")
     best = ops.cast(ops.argmax(ops.where(alive, scores, neg_inf), axis=-1),
                     "int32")  # [M]
     has_best = ops.any(alive, axis=-1)  # [M]
@@ -85,8 +108,16 @@ def non_max_suppression_padded(boxes,
     valid = ops.where(in_slot, has_best[:, None], valid)
     return step + 1, alive, indices, valid
 
-  _, _, indices, valid = ops.while_loop(
-      cond, body, (ops.convert_to_tensor(0, "int32"), alive, indices, valid))
+  if fixed_steps is None:
+    fixed_steps = default_fixed_steps()
+  if fixed_steps:
+    alive, indices, valid = ops.fori_loop(
+        0, max_output_size, lambda step, state: body(step, *state)[1:],
+        (alive, indices, valid))
+  else:
+    _, _, indices, valid = ops.while_loop(
+        cond, body,
+        (ops.convert_to_tensor(0, "int32"), alive, indices, valid))
   out_shape = tuple(batch_shape) + (max_output_size,)
   return ops.reshape(indices, out_shape), ops.reshape(valid, out_shape)
 
@@ -95,7 +126,8 @@ def multiclass_non_max_suppression_padded(boxes,
                                           scores,
                                           max_output_size,
                                           iou_threshold=0.5,
-                                          score_threshold=float("-inf")):
+                                          score_threshold=float("-inf"),
+                                          fixed_steps=None):
   """Per-class greedy NMS followed by a global top-k, in one greedy pass.
 
   Returns exactly what running ``non_max_suppression_padded`` on every class
@@ -117,6 +149,9 @@ def multiclass_non_max_suppression_padded(boxes,
     max_output_size: python int, total output slots per image.
     iou_threshold: python float; suppression needs IoU > threshold.
     score_threshold: python float; candidates need score > threshold.
+    fixed_steps: bool, always run ``max_output_size`` steps (a loop of
+      known trip count) instead of stopping once no candidate is left;
+      None: True under JAX, False under TensorFlow. Same results.
 
   Returns:
     class_ids: int32 ``[B, max_output_size]``, the class (0..C-1) of each
@@ -156,6 +191,7 @@ def multiclass_non_max_suppression_padded(boxes,
     return ops.logical_and(step < max_output_size, keep_going)
 
   def body(step, unused_keep_going, live, out_class, out_index, out_valid):
+    step = ops.cast(step, "int32")
     live_flat = ops.reshape(live, (-1, total))
     best = ops.cast(ops.argmax(live_flat, axis=-1), "int32")  # [B]
     best_score = ops.take_along_axis(live_flat, best[:, None], axis=1)[:, 0]
@@ -181,6 +217,14 @@ def multiclass_non_max_suppression_padded(boxes,
     return (step + 1, ops.any(has_best), live, out_class, out_index,
             out_valid)
 
+  if fixed_steps is None:
+    fixed_steps = default_fixed_steps()
+  if fixed_steps:
+    _, out_class, out_index, out_valid = ops.fori_loop(
+        0, max_output_size,
+        lambda step, state: body(step, None, *state)[2:],
+        (live, out_zeros, out_zeros, out_valid))
+    return out_class, out_index, out_valid
   init = (ops.convert_to_tensor(0, "int32"), ops.any(live > neg_inf), live,
           out_zeros, out_zeros, out_valid)
   _, _, _, out_class, out_index, out_valid = ops.while_loop(cond, body, init)

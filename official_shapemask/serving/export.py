@@ -43,6 +43,8 @@ import tensorflow as tf
 from official.vision.ops import preprocess_ops
 from official_shapemask.dataloaders import image_ops
 from official_shapemask.serving import export_dirs
+from official_shapemask.training import engine_switch
+from official_shapemask.weights import any_engine
 from official_shapemask.weights import checkpoints
 from official_shapemask.weights import errors
 from official_shapemask.weights import paths
@@ -183,37 +185,38 @@ class ShapeMaskServingModule(tf.Module):
     }
 
 
-def restore_model(model, checkpoint):
+def restore_model(model, checkpoint, print_fn=print):
   """Restores `model`'s weights from a training checkpoint.
 
   Args:
     model: a built `ShapeMaskModel`.
-    checkpoint: a checkpoint prefix (`.../ckpt-200`), a model directory
-      (its latest checkpoint is used; a JAX-engine directory: its newest
-      `shapemask-<step>.weights.h5`) or a whole model's `*.weights.h5` file.
+    checkpoint: a checkpoint prefix (`.../ckpt-200`), a model directory, a
+      JAX run's Orbax step (`.../checkpoints/<step>`) or a whole model's
+      `*.weights.h5` file. A model directory gives its newest step of
+      either engine: a TensorFlow checkpoint, an Orbax checkpoint or a
+      `shapemask-<step>.weights.h5` (at one step, the one that needs no
+      conversion); which one is printed.
+    print_fn: where the line naming the step goes (model directories).
 
   Returns:
-    the checkpoint prefix that was restored.
+    the checkpoint prefix, weights file or Orbax folder restored.
 
   Raises:
     FileNotFoundError: no checkpoint at `checkpoint`.
     ValueError: the checkpoint does not hold every model variable, or a
       shape differs (the gin config does not match the training run), or
-      its files cannot be read (truncated, overwritten, missing); names it.
+      its files cannot be read (truncated, overwritten, missing), or an
+      Orbax step needs JAX, which is not installed; names it.
   """
-  if (tf.io.gfile.isdir(checkpoint) and
-      tf.train.latest_checkpoint(checkpoint) is None):
-    # A JAX-engine model directory: its weights file for export.
-    weights = paths.latest_model_weights(checkpoint)
-    if weights is None and _orbax_checkpoints(checkpoint):
-      raise FileNotFoundError(
-          f'{checkpoint} holds JAX-engine (Orbax) checkpoints, which export '
-          'and predict do not read; they read the '
-          'shapemask-<step>.weights.h5 that a JAX run writes into its '
-          'model_dir when it reaches its total steps (--checkpoint=<model_dir> '
-          'finds the newest)')
-    checkpoint = weights or checkpoint
-  path = paths.resolve_checkpoint(checkpoint)
+  checkpoint = str(checkpoint)
+  ref = any_engine.orbax_step(checkpoint)
+  if ref is None and tf.io.gfile.isdir(checkpoint) and (
+      paths.saved_model_variables(checkpoint) is None):
+    ref = _newest_in(checkpoint, print_fn)
+  if ref is not None and ref.format == any_engine.ORBAX:
+    engine_switch.load(ref, model, instead=_readable_instead(ref))
+    return ref.path
+  path = paths.resolve_checkpoint(ref.path if ref else checkpoint)
   if paths.is_keras_weights_file(path):
     return checkpoints.load_model_weights(model, path)
   root = tf.train.Checkpoint(model=model)
@@ -244,15 +247,31 @@ def restore_model(model, checkpoint):
   return path
 
 
-def _orbax_checkpoints(path):
-  """Whether `path` is a JAX run's model_dir, its `checkpoints/` folder or
-  one of its steps (Orbax folders: `checkpoints/<step>/state`)."""
-  def has_steps(folder):
-    return tf.io.gfile.isdir(folder) and any(
-        name.rstrip('/').isdigit() for name in tf.io.gfile.listdir(folder))
+def _newest_in(model_dir, print_fn):
+  """The newest step of either engine in a model directory (said), or None
+  when it holds none (then the resolver names the directory)."""
+  found = any_engine.list_steps(model_dir, weights_files=True)
+  if not found:
+    return None
+  ref = found[-1]
+  older = [r for r in found if r.engine != ref.engine]
+  if print_fn is not None:
+    other = (f' (newer than {any_engine.ENGINE_NAMES[older[-1].engine]}\'s '
+             f'step {older[-1].step})' if older else '')
+    print_fn(f'Using step {ref.step} of {model_dir}: {ref.describe()}{other}')
+  return ref
 
-  return (has_steps(os.path.join(path, 'checkpoints')) or has_steps(path) or
-          tf.io.gfile.isdir(os.path.join(path, 'state')))
+
+def _readable_instead(ref):
+  """What to give instead of an Orbax step when JAX is not installed."""
+  found = [r for r in any_engine.list_steps(any_engine.model_dir_of(ref),
+                                            weights_files=True)
+           if r.format != any_engine.ORBAX]
+  if not found:
+    return ('export from a JAX run\'s shapemask-<step>.weights.h5 (written '
+            'when it reaches its total steps)')
+  return (f'give {found[-1].describe()} (step {found[-1].step}) instead: '
+          f'--checkpoint={found[-1].path}')
 
 
 def untracked_variables(model):

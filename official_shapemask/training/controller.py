@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from official_shapemask.training import datasets
 from official_shapemask.training import divergence
+from official_shapemask.training import engine_switch
 from official_shapemask.training import engines
 from official_shapemask.training import evaluations
 from official_shapemask.training import interrupt
@@ -42,6 +43,7 @@ from official_shapemask.training import operative_config
 from official_shapemask.training import progress
 from official_shapemask.training import settings as settings_lib
 from official_shapemask.training import validation
+from official_shapemask.weights import any_engine
 from official_shapemask.weights import errors
 
 InvalidInputError = settings_lib.InvalidInputError
@@ -113,8 +115,9 @@ class Controller:
             self._train_seconds)
 
   def has_checkpoint(self):
-    """Whether `model_dir` holds a checkpoint (before `start` too)."""
-    return self.engine.has_checkpoint(self.settings.model_dir)
+    """Whether `model_dir` holds a checkpoint of either engine (before
+    `start` too)."""
+    return any_engine.newest_step(self.settings.model_dir) is not None
 
   def latest_checkpoint(self):
     return self.engine.latest_checkpoint()
@@ -184,7 +187,19 @@ class Controller:
       self.print_fn(f"Removed {path}, left by an interrupted checkpoint save")
     latest = self._restore_newest(move_unreadable=self.chief)
     s = self.settings
-    if latest:
+    # The other engine's step, when newer: loaded into the Keras variables
+    # (engine_switch prints its line), then taken up by the engine.
+    try:
+      switched = engine_switch.resume(
+          self.engine.model, self.engine.optimizer, s.model_dir,
+          self.engine.BACKEND, self.step if latest else None,
+          print_fn=self.print_fn)
+    except errors.CheckpointError as e:
+      raise InvalidInputError(str(e)) from None
+    if switched is not None:
+      self.engine.adopt_keras_state(switched)
+      self._resumed = True
+    elif latest:
       self._resumed = True
       self._saved = (self.step, latest)
       self.print_fn(f"Resumed from {latest} at step {self.step}")
@@ -228,6 +243,18 @@ class Controller:
       InvalidInputError: `model_dir` holds no checkpoint, none is readable,
         or the newest readable one does not match the model (named).
     """
+    # The other engine's step, when newer (engine_switch prints its line).
+    try:
+      switched = engine_switch.restore_for_eval(
+          self.engine.model, self.engine.optimizer, self.settings.model_dir,
+          self.engine.BACKEND, print_fn=self.print_fn)
+    except errors.CheckpointError as e:
+      raise InvalidInputError(str(e)) from None
+    if switched is not None:
+      self.engine.adopt_keras_state(switched.step)
+      if self.chief:
+        operative_config.write_eval_config(self.settings.model_dir)
+      return switched.path
     path = self._restore_newest(move_unreadable=False)
     if path is None:
       raise InvalidInputError(f"no checkpoint in {self.settings.model_dir}")

@@ -47,8 +47,9 @@ from official_shapemask.weights import atomic
 from official_shapemask.weights import checkpoints
 from official_shapemask.weights import errors
 from official_shapemask.weights import late_read_errors
+from official_shapemask.weights import paths
 
-CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_SUBDIR = paths.ORBAX_SUBDIR
 _STATE = "state"
 _META = "variables"
 _GROUPS = ("trainable", "non_trainable", "optimizer")

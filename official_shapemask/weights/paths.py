@@ -20,6 +20,8 @@ import tensorflow as tf
 
 KERAS_WEIGHTS_SUFFIX = ".weights.h5"
 MODEL_WEIGHTS_PREFIX = "shapemask-"
+# The JAX engine's Orbax checkpoints: `model_dir/checkpoints/<step>/`.
+ORBAX_SUBDIR = "checkpoints"
 
 
 def is_keras_weights_file(path):
@@ -36,16 +38,22 @@ def model_weights_path(model_dir, step):
                       f"{MODEL_WEIGHTS_PREFIX}{step}{KERAS_WEIGHTS_SUFFIX}")
 
 
-def latest_model_weights(model_dir):
-  """The `shapemask-<step>.weights.h5` of `model_dir` with the highest step."""
-  best = None
+def model_weights_steps(model_dir):
+  """`[(step, path)]` of the `shapemask-<step>.weights.h5` files, by step."""
+  found = []
   for path in tf.io.gfile.glob(
       os.path.join(model_dir, f"{MODEL_WEIGHTS_PREFIX}*{KERAS_WEIGHTS_SUFFIX}")):
     step = os.path.basename(path)[len(MODEL_WEIGHTS_PREFIX):-len(
         KERAS_WEIGHTS_SUFFIX)]
-    if step.isdigit() and (best is None or int(step) > best[0]):
-      best = (int(step), path)
-  return best[1] if best else None
+    if step.isdigit():
+      found.append((int(step), path))
+  return sorted(found)
+
+
+def latest_model_weights(model_dir):
+  """The `shapemask-<step>.weights.h5` of `model_dir` with the highest step."""
+  found = model_weights_steps(model_dir)
+  return found[-1][1] if found else None
 
 
 def saved_model_variables(path):

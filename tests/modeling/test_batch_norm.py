@@ -77,10 +77,11 @@ def test_frozen_layer_and_sync_fall_back_to_keras():
                                 np.asarray(keras_bn(x, training=True)))
   sync = BatchNorm(synchronized=True)
   sync.build(x.shape)
-  assert not sync._fast_path(4, True, None)  # pylint: disable=protected-access
-  assert ours._fast_path(4, True, None) is False  # frozen
+  assert not sync.uses_fast_path(4, True, None)
+  assert ours.uses_fast_path(4, True, None) is False  # frozen
   ours.trainable = True
-  assert ours._fast_path(4, True, None) and not ours._fast_path(4, None, None)
+  assert ours.uses_fast_path(4, True, None) and not ours.uses_fast_path(
+      4, None, None)
 
 
 def test_xla_compiled_step_matches_eager():
@@ -319,3 +320,97 @@ np.testing.assert_allclose(np.asarray(new[1]), 0.9 + 0.1 * out[0][2],
                            rtol=1e-5)
 print("JAX_GHOST_OK")
 """
+
+def test_channel_sum_forms_agree_and_a_bad_one_is_named():
+  x, upstream = _data(6)
+  gamma = tf.constant(np.linspace(0.5, 2.0, 7), tf.float32)
+  beta = tf.constant(np.linspace(-1.0, 1.0, 7), tf.float32)
+  out = {}
+  for groups in (1, 2):  # Whole batch, and ghost batches of 2 images.
+    for form in ("matmul", "reduce"):
+      xt = tf.constant(x)
+      with tf.GradientTape() as tape:
+        tape.watch([xt, gamma, beta])
+        y, mean, variance = batch_norm.batch_norm_train(
+            xt, gamma, beta, 1e-4, num_groups=groups, channel_sum=form)
+        loss = tf.reduce_sum(y * upstream)
+      grads = tape.gradient(loss, [xt, gamma, beta])
+      out[groups, form] = [np.asarray(t) for t in [y, mean, variance] + grads]
+    for a, b in zip(out[groups, "matmul"], out[groups, "reduce"]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # The groups have their own statistics: another normalisation.
+  assert not np.allclose(out[1, "matmul"][0], out[2, "matmul"][0], atol=1e-3)
+  with pytest.raises(ValueError, match="channel_sum.*'rows'"):
+    batch_norm.batch_norm_train(tf.constant(x), gamma, beta, 1e-4,
+                                channel_sum="rows")
+
+
+# bfloat16 in, bfloat16 out: the float32 computation on the upcast input,
+# rounded once, and the backward pass saves no float32 [N, C] tensor.
+_JAX_BF16_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, keras
+from official_shapemask.modeling.layers import batch_norm
+
+rng = np.random.default_rng(0)
+shape = (4, 6, 6, 16)
+x = jnp.asarray((rng.normal(size=shape) * 0.5 + 3).astype("float32"),
+                jnp.bfloat16)
+w = jnp.asarray(rng.normal(size=shape).astype("float32"), jnp.bfloat16)
+gamma = jnp.linspace(0.5, 2.0, 16, dtype=jnp.float32)
+beta = jnp.linspace(-1.0, 1.0, 16, dtype=jnp.float32)
+for form in ("reduce", "matmul"):
+  def bf16_path(x, gamma, beta):
+    return batch_norm.batch_norm_train(x, gamma, beta, 1e-4, channel_sum=form)
+
+  def float32_path(x, gamma, beta):  # the layer's former dtype handling
+    y, m, v = batch_norm.batch_norm_train(x.astype(jnp.float32), gamma, beta,
+                                          1e-4, channel_sum=form)
+    return y.astype(jnp.bfloat16), m, v
+
+  results = []
+  for fn in (bf16_path, float32_path):
+    (y, mean, var), vjp = jax.vjp(fn, x, gamma, beta)
+    assert y.dtype == jnp.bfloat16 and mean.dtype == jnp.float32
+    dx, dgamma, dbeta = vjp((w, jnp.zeros_like(mean), jnp.zeros_like(var)))
+    assert dx.dtype == jnp.bfloat16 and dgamma.dtype == jnp.float32
+    big_f32 = [r.shape for r in jax.tree_util.tree_leaves(vjp)
+               if r.dtype == jnp.float32 and r.size >= x.size]
+    results.append(([np.asarray(t, np.float32)
+                     for t in (y, mean, var, dx, dgamma, dbeta)], big_f32))
+  (ours, ours_f32), (former, former_f32) = results
+  for a, b in zip(ours, former):
+    np.testing.assert_array_equal(a, b)
+  assert ours_f32 == [], ours_f32  # saved for the backward pass: bf16 only
+  assert former_f32, "the float32 path should keep float32 residuals"
+print("BF16_OK")
+"""
+
+
+def test_bfloat16_io_equals_the_float32_path_and_keeps_no_float32(
+    run_under_jax):
+  result = run_under_jax(_JAX_BF16_SCRIPT, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "BF16_OK" in result.stdout
+
+
+def test_layer_under_jax_reduces_channels_and_keeps_bfloat16(run_under_jax):
+  script = """
+import jax, jax.numpy as jnp, numpy as np, keras
+from official_shapemask.modeling.layers import batch_norm
+bn = batch_norm.BatchNormalization(dtype="mixed_bfloat16")
+bn.build((2, 8, 8, 32))
+x = jnp.ones((2, 8, 8, 32), jnp.bfloat16)
+def loss(x, trainable, other):
+  y, _ = bn.stateless_call(trainable, other, x, training=True)
+  assert y.dtype == jnp.bfloat16
+  return y.astype(jnp.float32).sum()
+text = jax.jit(jax.grad(loss)).lower(
+    x, [v.value for v in bn.trainable_variables],
+    [v.value for v in bn.non_trainable_variables]).as_text()
+assert "dot_general" not in text, "channel sums should be reductions"
+assert "reduce" in text
+print("LAYER_OK")
+"""
+  result = run_under_jax(script, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "LAYER_OK" in result.stdout

@@ -37,14 +37,16 @@ def _clustered_boxes(rng, n, canvas=128.0):
   return np.concatenate([c - hw / 2, c + hw / 2], -1).astype(np.float32)
 
 
+@pytest.mark.parametrize("fixed_steps", [False, True])
 @pytest.mark.parametrize("score_thr", [float("-inf"), 0.3])
-def test_matches_numpy_greedy_on_random_boxes(score_thr):
+def test_matches_numpy_greedy_on_random_boxes(score_thr, fixed_steps):
   rng = np.random.default_rng(1)
   batch, k, max_out = 4, 300, 40
   boxes = np.stack([_clustered_boxes(rng, k) for _ in range(batch)])
   scores = rng.uniform(0, 1, (batch, k)).astype(np.float32)  # unsorted
   idx, valid = nms.non_max_suppression_padded(boxes, scores, max_out, 0.5,
-                                              score_thr)
+                                              score_thr,
+                                              fixed_steps=fixed_steps)
   idx, valid = np.asarray(idx), np.asarray(valid)
   assert idx.shape == (batch, max_out) and idx.dtype == np.int32
   assert valid.dtype == bool
@@ -85,7 +87,8 @@ def test_agrees_with_tensorflow_padded_nms():
   assert np.asarray(idx)[0, :n].tolist() == ref_idx.numpy()[:n].tolist()
 
 
-def test_multiclass_equals_per_class_nms_then_global_top_k():
+@pytest.mark.parametrize("fixed_steps", [False, True])
+def test_multiclass_equals_per_class_nms_then_global_top_k(fixed_steps):
   rng = np.random.default_rng(3)
   batch, classes, k, max_out = 2, 5, 120, 30
   boxes = np.stack([
@@ -94,8 +97,10 @@ def test_multiclass_equals_per_class_nms_then_global_top_k():
   ])
   scores = rng.uniform(0, 1, (batch, classes, k)).astype(np.float32)
   scores[1, 2] = 0.01  # a class with no candidate at all
+  scores[0, :, 100:] = 0.0  # image 0 runs out of candidates before max_out
   cls, idx, valid = nms.multiclass_non_max_suppression_padded(
-      boxes, scores, max_out, iou_threshold=0.5, score_threshold=0.2)
+      boxes, scores, max_out, iou_threshold=0.5, score_threshold=0.2,
+      fixed_steps=fixed_steps)
   cls, idx, valid = np.asarray(cls), np.asarray(idx), np.asarray(valid)
   for b in range(batch):
     picks = []
@@ -122,3 +127,33 @@ def test_compiles_under_xla():
     expected = _numpy_greedy_nms(boxes[b], scores[b], 20, 0.5, 0.1)
     n = int(valid.numpy()[b].sum())
     assert idx.numpy()[b, :n].tolist() == expected
+
+
+_JAX_SCRIPT = """
+import jax, numpy as np
+from official_shapemask.ops import nms
+rng = np.random.default_rng(5)
+boxes = rng.uniform(0, 100, (2, 4, 60, 2)).astype(np.float32)
+boxes = np.concatenate([boxes, boxes + rng.uniform(5, 30, boxes.shape)], -1)
+scores = rng.uniform(0, 1, (2, 4, 60)).astype(np.float32)
+scores[1] = 0.0  # no candidate in image 1: the fixed loop still runs 25 steps
+outs, texts = [], []
+for fixed in (None, False):
+  fn = jax.jit(lambda b, s: nms.multiclass_non_max_suppression_padded(
+      b, s, 25, 0.5, 0.3, fixed_steps=fixed))
+  compiled = fn.lower(boxes, scores).compile()
+  texts.append(compiled.as_text())
+  outs.append([np.asarray(t) for t in compiled(boxes, scores)])
+for a, b in zip(*outs):
+  np.testing.assert_array_equal(a, b)
+assert outs[0][2][0].sum() > 0 and not outs[0][2][1].any()
+assert '"known_trip_count":{"n":"25"}' in texts[0].replace(" ", ""), "fixed"
+assert "known_trip_count" not in texts[1]
+print("JAX_NMS_OK")
+"""
+
+
+def test_jax_default_is_a_loop_of_known_trip_count(run_under_jax):
+  result = run_under_jax(_JAX_SCRIPT, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "JAX_NMS_OK" in result.stdout

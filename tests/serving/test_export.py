@@ -26,6 +26,7 @@ from official_shapemask.dataloaders import shapemask_parser
 from official_shapemask.modeling import factory
 from official_shapemask.serving import export
 from official_shapemask.serving import predictor as predictor_lib
+from official_shapemask.weights import any_engine
 from official_shapemask.weights import paths
 from official_shapemask.training import datasets
 from official_shapemask.training import gin_utils
@@ -335,19 +336,37 @@ def test_damaged_jax_weights_file_is_named(planted, tmp_path):
     assert "\n" not in message
 
 
-def test_jax_orbax_checkpoints_are_named_not_read(planted, tmp_path):
-  """A JAX run's model_dir before its weights file exists, or an Orbax
-  step given directly: one line saying what export reads instead."""
-  step = tmp_path / "run" / "checkpoints" / "15"
+def test_an_orbax_step_without_jax_is_one_line(planted, tmp_path,
+                                               monkeypatch):
+  """The newest step is the JAX engine's (Orbax) and JAX is not installed:
+  one line saying what to install, or which step TensorFlow reads."""
+  monkeypatch.setattr(any_engine, "engine_available",
+                      lambda engine: engine == "tensorflow")
+  run = tmp_path / "run"
+  shutil.copytree(planted["model_dir"], run)  # Its ckpt-1.
+  step = run / "checkpoints" / "15"
   (step / "state").mkdir(parents=True)
-  for path in (tmp_path / "run", step):
-    with pytest.raises(FileNotFoundError) as err:
-      export.restore_model(planted["model"], str(path))
+  printed = []
+  for path in (run, step):
+    with pytest.raises(ValueError) as err:
+      export.restore_model(planted["model"], str(path),
+                           print_fn=printed.append)
     assert str(err.value) == (
-        f"{path} holds JAX-engine (Orbax) checkpoints, which export and "
-        "predict do not read; they read the shapemask-<step>.weights.h5 "
-        "that a JAX run writes into its model_dir when it reaches its total "
-        "steps (--checkpoint=<model_dir> finds the newest)")
+        f"the JAX engine's checkpoint {step} (step 15) is read by the JAX "
+        "engine, which is not installed: pip install official_shapemask[jax]"
+        f", or give the TensorFlow engine's checkpoint {run}/ckpt-1 (step 1) "
+        f"instead: --checkpoint={run}/ckpt-1")
+  assert printed == [
+      f"Using step 15 of {run}: the JAX engine's checkpoint {step} (newer "
+      "than the TensorFlow engine's step 1)"]
+  only = tmp_path / "jax_only" / "checkpoints" / "15"
+  only.mkdir(parents=True)
+  with pytest.raises(ValueError, match=(
+      r"pip install official_shapemask\[jax\], or export from a JAX run's "
+      r"shapemask-<step>.weights.h5 \(written when it reaches its total "
+      r"steps\)$")):
+    export.restore_model(planted["model"], str(only.parent.parent),
+                         print_fn=None)
 
 
 def test_export_refuses_non_empty_dir(planted, tmp_path):

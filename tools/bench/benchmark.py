@@ -50,13 +50,31 @@ inference is the engine's `jax_step.PredictStep`. It reports images/s for
 each of ``--batch_sizes`` (synthetic input: the step alone) and ms/image for
 inference at ``--infer_batch_size``; the input pipeline's images/s is
 measured apart (`tools/bench/benchmark_input.py`).
+Every JAX result carries the step's FLOPs from XLA's cost analysis of the
+compiled step (`step_flops`, and the lowered module's `lowered_flops`),
+TFLOP/s from the median step time, and `mfu` against ``--peak_tflops``
+(default 790, the H200's measured bf16 matrix-product rate; say which peak
+when you quote an MFU). ``--infer_batch_sizes=1,8`` measures inference at
+several batches. ``--variant=[train:|infer:]PART[+PART]@BATCH`` adds a
+measurement of the product's step with A/B levers of
+`tools/bench/cost_analysis.py` or `build_shapemask_model` settings changed
+(e.g. ``bn_float32_io+bn_matmul_sums@16``: training with the batch norm
+before issue 20; ``keras_batch_norm@16``: with Keras' own;
+``infer:unfolded_inference_norms@1``, ``infer:pre_nms_num_boxes=1000@1``);
+``--lever`` applies levers to every measurement. ``--skip_train`` / ``--skip_infer`` leave out the training /
+inference measurements (with or without ``--parallel``).
 ``--peer`` adds torchvision's `maskrcnn_resnet50_fpn` (random weights,
 synthetic targets, images kept at the canvas size, bf16 autocast when
-``--precision=mixed_bfloat16``) training throughput. With ``--parallel``
-the torchvision measurements run first, one at a time on an idle host; then
-all of ours compile at once (XLA compilation is CPU work), wait for each
-other, and run their timed steps one at a time under a file lock; the whole
-stays within ``--timeout``.
+``--precision=mixed_bfloat16``) training throughput, with the FLOPs of one
+eager step (`torch.utils.flop_counter`) and its MFU;
+``--torch_variants=eager,channels_last,channels_last+compile@8`` adds what a
+PyTorch user would switch on (see `tools/bench/torch_workers.py`). With
+``--parallel`` the eager torchvision measurements run first, one at a time
+on an idle host; then all of ours and the compiled torchvision variants
+compile at once (compilation is CPU work; the ``--variant`` measurements
+and torch.compile at a lower CPU priority), wait for each other, and run
+their timed steps one at a time under a file lock; the whole stays within
+``--timeout``.
 
 ``--profile_dir=DIR`` (TensorFlow): two more steps of every measurement run
 under the TF profiler (traces in DIR for TensorBoard); each JSON line then
@@ -69,7 +87,8 @@ reports images/s of each and the scaling efficiency
 `throughput_N / (N * throughput_1)`.
 
 Built-in configurations (``--config``): ``r50_256`` (default), ``r50_640``,
-``r101_1024`` (reference heads, 91 classes, batch 2 / 2 / 8), ``tiny``
+``r101_1024``, ``r50_1024`` (reference heads, 91 classes, batch 2 / 2 / 8 /
+8), ``tiny``
 (ResNet-10, 128 px, narrow heads; the port can build it) and ``micro``
 (quarter-width ResNet-10 at 64 px, levels 3-5; tests of the JAX path). ``--gin_file`` /
 ``--gin_bindings`` take `build_shapemask_model` settings from gin files
@@ -93,6 +112,7 @@ import sys
 import tempfile
 
 from tools.bench import common
+from tools.bench import cost_analysis
 from tools.bench import runner as runner_lib
 
 
@@ -114,6 +134,30 @@ def parse_args(argv):
                  help="JAX: comma-separated training batch sizes")
   p.add_argument("--infer_batch_size", type=int, default=1,
                  help="JAX: inference batch")
+  p.add_argument("--infer_batch_sizes", default=None,
+                 help="JAX: comma-separated inference batches (instead of "
+                 "--infer_batch_size)")
+  p.add_argument("--peak_tflops", type=float,
+                 default=cost_analysis.DEFAULT_PEAK_TFLOPS,
+                 help="JAX: the device's peak for MFU, TFLOP/s (default: "
+                 "the H200's measured bf16 matrix-product rate, ~790)")
+  p.add_argument("--lever", action="append", default=[],
+                 choices=sorted(cost_analysis.LEVERS),
+                 help="JAX: A/B variant of the product code applied in "
+                 "every measurement (tools/bench/cost_analysis.py LEVERS)")
+  p.add_argument("--variant", action="append", default=[],
+                 help="JAX: an extra measurement [train:|infer:]PART[+PART]"
+                 "@BATCH, a PART being a lever or a build_shapemask_model "
+                 "setting name=value, e.g. bn_float32_io+bn_matmul_sums@16 "
+                 "(training with the batch norm before issue 20) or "
+                 "infer:pre_nms_num_boxes=1000@1")
+  p.add_argument("--torch_variants", default="eager",
+                 help="JAX --peer: comma-separated torchvision variants: "
+                 "eager, channels_last, compile (torch.compile of the "
+                 "ResNet-FPN backbone), compile_all (of the whole model), "
+                 "and combinations such as channels_last+compile; "
+                 "VARIANT@B measures that variant at batch B only (else at "
+                 "--torch_batch_sizes)")
   p.add_argument("--torch_batch_sizes", default=None,
                  help="JAX --peer: torchvision batch sizes (default: "
                  "--batch_sizes)")
@@ -182,6 +226,22 @@ def parse_args(argv):
       p.error("--workers needs --backend=tensorflow")
     if args.gin_file and args.config:
       p.error("give --config or --gin_file, not both")
+    if (args.lever or args.variant) and args.backend != "jax":
+      p.error("--lever and --variant need --backend=jax")
+    # The settings' check imports the model code: with the run's backend
+    # (the accelerator machine has no TensorFlow).
+    os.environ["KERAS_BACKEND"] = args.backend
+    try:
+      runner_lib.parse_variants(args.variant)
+    except ValueError as e:
+      p.error(str(e))
+    for item in args.torch_variants.split(","):
+      variant, _, batch = item.strip().partition("@")
+      if item.strip() and (not common.torch_variant_ok(variant) or
+                           (batch and not batch.isdigit())):
+        p.error(f"--torch_variants: bad item {item.strip()!r} (VARIANT or "
+                f"VARIANT@BATCH; parts: "
+                f"{', '.join(common.TORCH_VARIANT_PARTS)})")
   return args
 
 
@@ -205,6 +265,8 @@ def main(argv=None):
   if args.torch_batch_sizes:
     args.torch_batch_sizes = [int(b) for b in args.torch_batch_sizes.split(
         ",")]
+  args.torch_variants = [v.strip() for v in args.torch_variants.split(",")
+                         if v.strip()]
   if args.clip is None:
     args.clip = 1.0 if args.peer and args.backend == "tensorflow" else 0.0
   if args.nesterov is None:

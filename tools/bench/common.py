@@ -27,6 +27,8 @@ CONFIGS = {
                     batch_size=2),
     "r101_1024": dict(model=dict(backbone_depth=101, image_size=1024),
                       batch_size=8),
+    "r50_1024": dict(model=dict(backbone_depth=50, image_size=1024),
+                     batch_size=8),
     # The smallest model (tests of the JAX / GPU script's CPU path).
     "micro": dict(model=dict(backbone_depth=10, backbone_width_multiplier=0.25,
                              image_size=64, max_level=5, fpn_num_filters=16,
@@ -49,6 +51,17 @@ TORCH_PEER_NOTES = (
     "instances per image with full-image masks, images given at the canvas "
     "size (min_size = max_size = S), trainable BatchNorm (no pretrained "
     "weights), eager PyTorch (no torch.compile), SGD momentum 0.9")
+# torchvision variants (`--torch_variants`): parts joined by '+'.
+TORCH_VARIANT_PARTS = ("eager", "channels_last", "compile", "compile_all")
+
+
+def torch_variant_ok(variant):
+  parts = variant.split("+")
+  return bool(parts) and all(p in TORCH_VARIANT_PARTS for p in parts) and (
+      "eager" not in parts or len(parts) == 1) and not (
+          "compile" in parts and "compile_all" in parts)
+
+
 # Inference load (see `_redraw_class_predictor`).
 PRESENT_CLASSES = 5
 PRESENT_BIAS = -2.0
@@ -188,12 +201,18 @@ def _gin_model_kwargs(gin_files, gin_bindings, names):
   return out
 
 
+def random_priors(num_classes, num_clusters, mask_crop_size, seed=0):
+  """Random uniform shape priors `[C, K, m, m]` float32."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return rng.uniform(0.0, 1.0, (num_classes, num_clusters, mask_crop_size,
+                                mask_crop_size)).astype(np.float32)
+
+
 def write_priors(path, num_classes, num_clusters, mask_crop_size, seed=0):
   """Random uniform shape priors `[C, K, m, m]` (both implementations)."""
   import numpy as np
-  rng = np.random.default_rng(seed)
-  priors = rng.uniform(0.0, 1.0, (num_classes, num_clusters, mask_crop_size,
-                                  mask_crop_size)).astype(np.float32)
+  priors = random_priors(num_classes, num_clusters, mask_crop_size, seed)
   with open(path, "wb") as f:
     np.save(f, priors)
   return path
@@ -305,19 +324,31 @@ def synthetic_batch(kwargs, batch_size, seed=0):
 
 
 # ------------------------------------------------------- worker sync (GPU)
+def ready_file(spec):
+  """The file a party of a `--parallel` run creates once it is compiled:
+  `ready-main-<id>`, or `ready-extra-<id>` for the A/B extras."""
+  kind = "extra" if spec.get("extra") else "main"
+  return os.path.join(spec["sync_dir"], f"ready-{kind}-{spec['id']}")
+
+
 @contextlib.contextmanager
 def timing_turn(spec):
-  """Waits for every party to be compiled, then holds the timing lock."""
+  """Waits for the main parties to be compiled, then holds the timing lock.
+
+  The extras (`spec["extra"]`: the A/B variants, compiled at a lower CPU
+  priority) do not hold up the main measurements: every party waits for
+  the `num_main_parties` main ones only (at most `barrier_timeout_s`).
+  """
   sync_dir = spec.get("sync_dir")
   if not sync_dir:
     yield
     return
   import fcntl
-  open(os.path.join(sync_dir, f"ready-{spec['id']}"), "w").close()
+  open(ready_file(spec), "w").close()
   deadline = time.time() + spec.get("barrier_timeout_s", 600)
   while time.time() < deadline:
-    ready = [f for f in os.listdir(sync_dir) if f.startswith("ready-")]
-    if len(ready) >= spec["num_parties"]:
+    ready = [f for f in os.listdir(sync_dir) if f.startswith("ready-main-")]
+    if len(ready) >= spec["num_main_parties"]:
       break
     time.sleep(0.2)
   with open(os.path.join(sync_dir, "timing.lock"), "w") as lock:

@@ -4,20 +4,35 @@
 #   - ShapeMask R101-FPN, 1024x1024, mixed_bfloat16: training images/s at
 #     batch 8, 16 and 32 of the step `KERAS_BACKEND=jax python train.py`
 #     runs (official_shapemask.training.jax_step.TrainStep) on a synthetic
-#     batch kept on the device; inference ms/image at batch 1 with the
+#     batch kept on the device; inference ms/image at batch 1 and 8 with the
 #     engine's evaluation step (post-processing and mask branch included);
+#     every number with the step's FLOPs (XLA cost analysis of the compiled
+#     step), TFLOP/s and MFU against GPU_BENCH_PEAK_TFLOPS (default 790, the
+#     H200's measured bf16 matrix-product rate);
+#   - A/B extras (when the budget allows: they compile at a lower CPU
+#     priority, and the main measurements do not wait for them): training
+#     at batch 16 with the batch norm as it was before issue 20 (float32
+#     input copy, matmul channel sums), with only its float32 copy (sums as
+#     reductions), and with Keras' own batch norm; inference at batch 1
+#     with the NMS loop as it was before issue 20 (early exit: the step of
+#     the 14.1 ms of 2026-12-04), with that loop and the batch norms not
+#     folded into the convolutions (the step of the 10.6 ms of 2026-11-28),
+#     and with 1000 instead of 5000 per-class candidates before NMS (how
+#     much the top-k costs);
 #   - the input pipeline apart: training-parser images/s on the host CPUs
 #     (tools/bench/benchmark_input.py), when TensorFlow is importable;
 #   - torchvision maskrcnn_resnet50_fpn, 1024x1024, bf16 autocast: training
-#     images/s at batch 8 and 16 (random weights, synthetic targets).
+#     images/s at batch 8 and 16 (eager), channels_last at batch 8, and
+#     channels_last + torch.compile of the backbone at batch 8 (random
+#     weights, synthetic targets), each with its FLOPs and MFU.
 # Every measurement is a subprocess of tools/bench/benchmark.py with its own
 # timeout, so one failure (say, out of memory at batch 32) keeps the rest.
-# torchvision runs first, alone (its eager steps are sensitive to host load);
-# then ours all compile at once (XLA compilation is CPU work, ~4 min for
-# R101 at 1024 on the H200 machine) and take turns on the GPU for their timed
-# steps (a file lock). Results: JSON lines on stdout and
-# in $OUT/gpu_benchmark.jsonl (when OUT is set), a table at the end, the
-# worker logs in $OUT/worker_logs.tar.gz.
+# The eager torchvision runs go first, alone (their steps are sensitive to
+# host load); then ours and torch.compile all compile at once (XLA
+# compilation is CPU work, ~4 min for R101 at 1024 on the H200 machine) and
+# take turns on the GPU for their timed steps (a file lock). Results: JSON
+# lines on stdout and in $OUT/gpu_benchmark.jsonl (when OUT is set), a table
+# at the end, the worker logs in $OUT/worker_logs.tar.gz.
 #
 # The accelerator image lacks Keras, optree, namex and gin-config: carry
 # them as wheels in .whl/ (see docs/benchmarks.md for the pip download
@@ -29,7 +44,9 @@
 #                                            # smallest model (tests)
 #   bash tools/bench/gpu_benchmark.sh --help       # this text (exit status 0)
 # Environment: PYTHON (default python3), OUT (results folder),
-#   GPU_BENCH_BUDGET_S (default 470: the whole run's limit).
+#   GPU_BENCH_BUDGET_S (default 480: the whole run's limit),
+#   GPU_BENCH_EXTRAS (default 1; 0 leaves out the A/B and torch variants),
+#   GPU_BENCH_PEAK_TFLOPS (default 790).
 set -u
 if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
   # The header above is the usage.
@@ -44,7 +61,9 @@ RESULTS="${OUT:-$(mktemp -d /tmp/gpu_benchmark.XXXXXX)}"
 mkdir -p "$RESULTS"
 WORKDIR="$(mktemp -d /tmp/gpu_benchmark_work.XXXXXX)"
 START=$(date +%s)
-BUDGET="${GPU_BENCH_BUDGET_S:-470}"
+BUDGET="${GPU_BENCH_BUDGET_S:-480}"
+EXTRAS="${GPU_BENCH_EXTRAS:-1}"
+PEAK="${GPU_BENCH_PEAK_TFLOPS:-790}"
 log() { echo "[gpu_benchmark +$(( $(date +%s) - START ))s] $*" >&2; }
 
 export KERAS_BACKEND=jax
@@ -100,17 +119,30 @@ fi
 if [[ "$MODE" == cpu_smoke ]]; then
   export JAX_PLATFORMS=cpu
   ARGS=(--config=micro --precision=float32 --batch_sizes=1,2
-        --torch_batch_sizes=1 --steps=2 --warmup=1 --infer_steps=2)
-  TIMEOUT=700  # Three XLA compiles at once on a small, maybe busy CPU.
+        --infer_batch_sizes=1 --torch_batch_sizes=1 --steps=2 --warmup=1
+        --infer_steps=2)
+  EXTRA_ARGS=(--variant=bn_float32_io+bn_matmul_sums@1
+              --torch_variants=eager,channels_last+compile@1)
+  TIMEOUT=900  # Four XLA compiles at once on a small, maybe busy CPU.
 else
   ARGS=(--config=r101_1024 --precision=mixed_bfloat16 --batch_sizes=8,16,32
-        --torch_batch_sizes=8,16 --steps=10 --warmup=3 --infer_steps=20)
+        --infer_batch_sizes=1,8 --torch_batch_sizes=8,16 --steps=10
+        --warmup=3 --infer_steps=20)
+  EXTRA_ARGS=(--variant=bn_float32_io+bn_matmul_sums@16
+              --variant=bn_float32_io@16
+              --variant=keras_batch_norm@16
+              --variant=infer:nms_early_exit+unfolded_inference_norms@1
+              --variant=infer:nms_early_exit@1
+              --variant=infer:pre_nms_num_boxes=1000@1
+              --torch_variants=eager,channels_last@8,channels_last+compile@8)
   TIMEOUT=$(( BUDGET - $(date +%s) + START - 20 ))
 fi
+if [[ "$EXTRAS" == 0 ]]; then EXTRA_ARGS=(); fi
 log "running tools/bench/benchmark.py (all measurements within ${TIMEOUT}s)"
 timeout --kill-after=10 "$(( TIMEOUT + 15 ))" \
   "$PYTHON" -m tools.bench.benchmark --backend=jax --synthetic "${ARGS[@]}" \
-  "${PEER[@]}" --infer_batch_size=1 --parallel --timeout="$TIMEOUT" \
+  "${EXTRA_ARGS[@]}" "${PEER[@]}" --peak_tflops="$PEAK" --parallel \
+  --timeout="$TIMEOUT" \
   --barrier_timeout="$(( TIMEOUT - 90 ))" --workdir="$WORKDIR" \
   --output="$RESULTS/gpu_benchmark.jsonl" 2>"$RESULTS/benchmark_stderr.log"
 STATUS=$?
@@ -151,15 +183,30 @@ for r in read(sys.argv[2]):
   print(f"input pipeline {r['measure']} {r['output_size']} px: "
         f"{r['images_per_s']} images/s ({r['machine_cores']} cores)")
 rows = read(sys.argv[1])
-print(f"{'impl':<12} {'measure':<7} {'batch':>5} {'images/s':>9} "
-      f"{'ms/image':>9} {'compile_s':>9} {'dev_GiB':>8}  status")
+def label(r):
+  extra = list(r.get("levers") or [])
+  if r.get("torch_variant") not in (None, "eager"):
+    extra = [r["torch_variant"]]
+  return r.get("impl", "") + (f"[{'+'.join(extra)}]" if extra else "")
+def cell(value, fmt):
+  return "" if value is None else format(value, fmt)
+peaks = sorted({r["peak_tflops"] for r in rows if r.get("peak_tflops")})
+print(f"MFU against {', '.join(str(p) for p in peaks) or '?'} TFLOP/s; "
+      "TFLOP/step from XLA's cost analysis of the compiled step (torchvision:"
+      " torch.utils.flop_counter)")
+print(f"{'impl':<44} {'measure':<7} {'batch':>5} {'images/s':>9} "
+      f"{'ms/image':>9} {'TFLOP/st':>8} {'TFLOP/s':>8} {'MFU':>6} "
+      f"{'compile_s':>9} {'dev_GiB':>8}  status")
 for r in rows:
   if r.get("summary"):
     continue
   status = "ok" if r.get("ok") else "FAILED " + str(r.get("error", ""))[:80]
-  print(f"{r.get('impl', ''):<12} {r.get('measure', ''):<7} "
-        f"{r.get('batch_size', ''):>5} {r.get('images_per_s', ''):>9} "
-        f"{r.get('ms_per_image', ''):>9} {r.get('compile_s', ''):>9} "
+  print(f"{label(r):<44} {r.get('measure', ''):<7} "
+        f"{r.get('batch_size', ''):>5} {cell(r.get('images_per_s'), ''):>9} "
+        f"{cell(r.get('ms_per_image'), ''):>9} "
+        f"{cell(r.get('tflop_per_step'), '.3f'):>8} "
+        f"{cell(r.get('tflops_per_s'), '.1f'):>8} "
+        f"{cell(r.get('mfu'), '.3f'):>6} {cell(r.get('compile_s'), ''):>9} "
         f"{str(r.get('device_peak_gib', '')):>8}  {status}")
 EOF
 log "done; results in $RESULTS"

@@ -8,11 +8,18 @@ static synthetic batch placed on the devices once (input excluded: the
 input pipeline is measured apart by `tools/bench/benchmark_input.py`).
 `jax_infer` times `jax_step.PredictStep` (detections and the mask branch),
 the engine's evaluation step.
+
+Every result carries the step's FLOPs from XLA's cost analysis of the
+compiled step (`step_flops`; the lowered module's too), the TFLOP/s the
+median step time gives, and the MFU against `--peak_tflops`. A spec's
+`levers` (tools/bench/cost_analysis.py) are applied before the model is
+built (A/B variants of the product code).
 """
 
 import time
 
 from tools.bench import common
+from tools.bench import cost_analysis
 
 
 def _jax_model(spec):
@@ -21,6 +28,8 @@ def _jax_model(spec):
   import keras
   import numpy as np
   from official_shapemask.modeling import factory
+  for lever in spec.get("levers") or []:
+    cost_analysis.LEVERS[lever]()
   keras.mixed_precision.set_global_policy(spec["precision"])
   priors = np.load(spec["prior_path"])
   model = factory.build_shapemask_model(num_clusters=priors.shape[1],
@@ -70,8 +79,10 @@ def worker_jax_train(spec):
       distribution)
   state = train_step.state()
   t = time.perf_counter()
-  compiled = train_step.lower(state, *batch).compile()
+  lowered = train_step.lower(state, *batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t
+  flops = cost_analysis.step_flops(lowered, compiled)
   box = {"state": state, "losses": None}
 
   def step():
@@ -87,7 +98,7 @@ def worker_jax_train(spec):
   if not np.isfinite(loss):
     raise FloatingPointError(f"non-finite loss {loss}")
   median = common.median(times)
-  return {
+  result = {
       "build_s": round(build_s, 2), "compile_s": round(compile_s, 2),
       "first_step_s": round(first, 3), "median_step_s": round(median, 4),
       "images_per_s": round(spec["batch_size"] / median, 2),
@@ -98,6 +109,17 @@ def worker_jax_train(spec):
       "step": "official_shapemask.training.jax_step.TrainStep (the step of "
               "KERAS_BACKEND=jax train.py), synthetic batch on the devices",
   }
+  result.update(_flops_fields(flops, median, spec))
+  return result
+
+
+def _flops_fields(flops, median_s, spec):
+  """FLOPs (compiled and lowered), TFLOP/s and MFU of a timed step."""
+  out = dict(flops)
+  out.update(cost_analysis.mfu_fields(flops["step_flops"], median_s,
+                                      spec.get("peak_tflops"),
+                                      spec["batch_size"]))
+  return out
 
 
 def worker_jax_infer(spec):
@@ -116,8 +138,10 @@ def worker_jax_infer(spec):
   state = (jax.device_put([v.value for v in model.trainable_variables]),
            jax.device_put([v.value for v in model.non_trainable_variables]))
   t = time.perf_counter()
-  compiled = predict.lower(state, *batch).compile()
+  lowered = predict.lower(state, *batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t
+  flops = cost_analysis.step_flops(lowered, compiled)
   box = {}
 
   def step():
@@ -131,7 +155,7 @@ def worker_jax_infer(spec):
     first = time.perf_counter() - t
     times = common.timed_steps(step, spec["warmup"], spec["infer_steps"])
   median = common.median(times)
-  return {
+  result = {
       "build_s": round(build_s, 2), "compile_s": round(compile_s, 2),
       "first_step_s": round(first, 3), "median_step_s": round(median, 5),
       "ms_per_image": round(1000 * median / spec["batch_size"], 3),
@@ -142,3 +166,5 @@ def worker_jax_infer(spec):
       "step": "official_shapemask.training.jax_step.PredictStep (the JAX "
               "engine's evaluation step)",
   }
+  result.update(_flops_fields(flops, median, spec))
+  return result

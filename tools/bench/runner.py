@@ -91,9 +91,12 @@ class Runner:
     spec = dict(spec, id=self._count)
     log = os.path.join(self.workdir, f"worker-{self._count}-{spec['kind']}")
     out = open(log + ".log", "w")
+    niceness = int(spec.get("nice") or 0)
     proc = subprocess.Popen(self._command(spec), stdout=out,
                             stderr=subprocess.STDOUT, env=self._env(env),
-                            cwd=common.REPO_ROOT)
+                            cwd=common.REPO_ROOT,
+                            preexec_fn=(lambda: os.nice(niceness))
+                            if niceness else None)
     return {"spec": spec, "proc": proc, "log": log + ".log", "file": out,
             "start": time.time(), "load_start": os.getloadavg()[0]}
 
@@ -120,7 +123,7 @@ class Runner:
                 "error": (f"no result (exit code {job['proc'].returncode}, "
                           f"timeout {timeout} s): " + text[-1500:])}
     if self._sync_dir(spec):  # A failed party must not hold up the others.
-      open(os.path.join(spec["sync_dir"], f"ready-{spec['id']}"), "w").close()
+      open(common.ready_file(spec), "w").close()
     kind = spec["kind"]
     record = {
         "measure": kind.split("_")[1], "impl": spec["impl"],
@@ -133,9 +136,13 @@ class Runner:
         "load_avg_1m_end": round(os.getloadavg()[0], 2),
     }
     for key in ("strategy", "threads", "round", "worker_index",
-                "num_workers"):
+                "num_workers", "torch_variant"):
       if key in spec:
         record[key] = spec[key]
+    if spec.get("levers"):
+      record["levers"] = list(spec["levers"])
+    if spec.get("model_overrides"):
+      record["model_overrides"] = dict(spec["model_overrides"])
     if record["measure"] == "infer":
       record["infer_scores"] = spec.get("infer_scores", "realistic")
     record.update(result)
@@ -153,7 +160,8 @@ class Runner:
     """All specs at once (compile in parallel, timed one at a time)."""
     sync_dir = tempfile.mkdtemp(prefix="sync-", dir=self.workdir)
     barrier = min(self.args.barrier_timeout or timeout, timeout)
-    specs = [dict(s, sync_dir=sync_dir, num_parties=len(specs),
+    main = sum(1 for s in specs if not s.get("extra"))
+    specs = [dict(s, sync_dir=sync_dir, num_main_parties=main,
                   barrier_timeout_s=barrier) for s in specs]
     jobs = [self.start(s) for s in specs]
     pending, records = list(jobs), {}
@@ -179,6 +187,8 @@ class Runner:
 
 def base_spec(args, kwargs, config_name, prior_path, records=None):
   return {
+      "peak_tflops": getattr(args, "peak_tflops", None),
+      "levers": list(getattr(args, "lever", None) or []),
       "backend": args.backend, "config": config_name, "model": kwargs,
       "batch_size": args.batch_size, "precision": args.precision,
       "steps": args.steps, "warmup": args.warmup,
@@ -289,45 +299,137 @@ def run_workers(args, runner, base):
   }
 
 
+def _value(text):
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_variants(text):
+  """`--variant` values -> [{measure, levers, overrides, batch_size}].
+
+  Syntax: ``[train:|infer:]PART[+PART]@BATCH`` (default train); a PART is a
+  lever of tools/bench/cost_analysis.py or a `build_shapemask_model`
+  setting ``name=value`` (e.g. ``infer:pre_nms_num_boxes=1000@1``).
+  """
+  from official_shapemask.modeling import factory
+  from tools.bench import cost_analysis
+  import inspect
+  settings = inspect.signature(factory.build_shapemask_model).parameters
+  out = []
+  for item in text or []:
+    measure, colon, rest = item.partition(":")
+    if not colon:
+      measure, rest = "train", item
+    parts, sep, batch = rest.partition("@")
+    names = [n for n in parts.split("+") if n]
+    levers = [n for n in names if "=" not in n]
+    overrides = dict(n.split("=", 1) for n in names if "=" in n)
+    bad = [n for n in levers if n not in cost_analysis.LEVERS] + [
+        k for k in overrides if k not in settings]
+    if (measure not in ("train", "infer") or not sep or not batch.isdigit()
+        or not names or bad):
+      raise ValueError(
+          f"--variant {item!r}: expected [train:|infer:]PART[+PART]@BATCH, "
+          f"a PART being a lever ({', '.join(sorted(cost_analysis.LEVERS))}) "
+          f"or a build_shapemask_model setting name=value")
+    out.append({"measure": measure, "levers": levers,
+                "overrides": {k: _value(v) for k, v in overrides.items()},
+                "batch_size": int(batch)})
+  return out
+
+
+def _label(record):
+  """`ours`, `ours[bn_float32_io+bn_matmul_sums]`, `torchvision[compile]`."""
+  extra = list(record.get("levers") or [])
+  extra += [f"{k}={v}" for k, v in (record.get("model_overrides") or
+                                    {}).items()]
+  if record.get("torch_variant") and record["torch_variant"] != "eager":
+    extra = [record["torch_variant"]]
+  return record["impl"] + (f"[{'+'.join(extra)}]" if extra else "")
+
+
 def run_jax(args, runner, base):
-  """Our model under JAX (and torchvision with --peer)."""
+  """Our model under JAX (and torchvision with --peer).
+
+  `--skip_train` leaves out every training measurement (ours, the
+  `--variant`s and the peer's), `--skip_infer` the inference ones.
+  """
   specs = []
-  for b in args.batch_sizes:
-    specs.append(dict(base, kind="jax_train", impl="ours", batch_size=b))
+  if not args.skip_train:
+    for b in args.batch_sizes:
+      specs.append(dict(base, kind="jax_train", impl="ours", batch_size=b))
   if not args.skip_infer:
-    specs.append(dict(base, kind="jax_infer", impl="ours",
-                      batch_size=args.infer_batch_size))
-  if args.peer:
-    for b in args.torch_batch_sizes or args.batch_sizes:
-      specs.append(dict(base, kind="torch_train", impl="torchvision",
-                        backend="torch", batch_size=b))
+    for b in _infer_batches(args):
+      specs.append(dict(base, kind="jax_infer", impl="ours", batch_size=b))
+  # The A/B variants are extras: with --parallel they compile at a lower CPU
+  # priority than the product's measurements.
+  for variant in parse_variants(getattr(args, "variant", None)):
+    if getattr(args, f"skip_{variant['measure']}"):
+      continue
+    specs.append(dict(
+        base, kind=f"jax_{variant['measure']}", impl="ours",
+        batch_size=variant["batch_size"],
+        levers=list(base.get("levers") or []) + variant["levers"],
+        model=dict(base["model"], **variant["overrides"]),
+        model_overrides=variant["overrides"], nice=10, extra=True))
+  if args.peer and not args.skip_train:
+    variants = getattr(args, "torch_variants", None) or ["eager"]
+    for item in variants:
+      variant, _, batch = item.partition("@")
+      batches = ([int(batch)] if batch else
+                 args.torch_batch_sizes or args.batch_sizes)
+      for b in batches:
+        specs.append(dict(base, kind="torch_train", impl="torchvision",
+                          backend="torch", batch_size=b,
+                          torch_variant=variant, levers=[],
+                          nice=10 if "compile" in variant else 0,
+                          extra=variant != "eager"))
   if args.parallel:
     # The peer's eager PyTorch steps are sensitive to host load: they run
-    # first, alone; then ours compile together and take turns on the device.
-    # The whole stays within --timeout.
+    # first, alone; then ours (and the peer's torch.compile variants, whose
+    # compilation is CPU work too) compile together and take turns on the
+    # device, the main measurements as soon as they are all compiled, the
+    # extras (A/B variants) when they are. The whole stays within --timeout.
     start = time.time()
-    records = [runner.run(s, args.timeout) for s in specs
-               if s["kind"] == "torch_train"]
-    ours = [s for s in specs if s["kind"] != "torch_train"]
+    alone = [s for s in specs if s["kind"] == "torch_train" and
+             "compile" not in s["torch_variant"]]
+    records = [runner.run(s, args.timeout) for s in alone]
+    together = [s for s in specs if not any(s is a for a in alone)]
     left = max(60, int(args.timeout - (time.time() - start)))
-    records += runner.run_parallel(ours, left)
+    if together:
+      records += runner.run_parallel(together, left)
   else:
     records = [runner.run(s, args.timeout) for s in specs]
   summary = {"summary": True, "backend": "jax", "config": base["config"],
              "image_size": base["model"]["image_size"],
              "precision": args.precision, "date": common.now()}
+  if base.get("peak_tflops"):
+    summary["peak_tflops"] = base["peak_tflops"]
   for r in records:
     if not r.get("ok"):
       continue
+    label = _label(r)
     if r["measure"] == "train":
-      summary[f"{r['impl']}_train_images_per_s_b{r['batch_size']}"] = (
+      summary[f"{label}_train_images_per_s_b{r['batch_size']}"] = (
           r["images_per_s"])
     else:
-      summary[f"{r['impl']}_infer_ms_per_image_b{r['batch_size']}"] = (
+      summary[f"{label}_infer_ms_per_image_b{r['batch_size']}"] = (
           r["ms_per_image"])
-  summary["failed"] = [f"{r['impl']} {r['measure']} b{r['batch_size']}: "
+    if r.get("mfu") is not None:
+      summary[f"{label}_{r['measure']}_mfu_b{r['batch_size']}"] = r["mfu"]
+  summary["failed"] = [f"{_label(r)} {r['measure']} b{r['batch_size']}: "
                        f"{r.get('error', '')[:300]}" for r in records
                        if not r.get("ok")]
   return summary
 
 
+def _infer_batches(args):
+  """`--infer_batch_sizes` (comma-separated) or `--infer_batch_size`."""
+  text = getattr(args, "infer_batch_sizes", None)
+  if text:
+    return [int(b) for b in str(text).split(",") if b]
+  return [args.infer_batch_size]

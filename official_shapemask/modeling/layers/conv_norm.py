@@ -21,7 +21,7 @@ In training mode (batch statistics) it is the unfolded ``norm(conv(x))``.
 from keras import ops
 
 
-def _uses_moving_statistics(norm, training):
+def uses_moving_statistics(norm, training):
   """Whether ``norm(..., training=training)`` normalises with moving stats."""
   return not (training and norm.trainable)
 
@@ -72,7 +72,7 @@ def conv_norm(conv, norm, inputs, training=None):
   """
   if norm is None:
     return conv(inputs)
-  if not _uses_moving_statistics(norm, training):
+  if not uses_moving_statistics(norm, training):
     return norm(conv(inputs), training=training)
   if conv.activation is not None and conv.activation.__name__ != "linear":
     raise ValueError(

@@ -62,6 +62,9 @@ class Engine(abc.ABC):
 
   #: Where an unset `Experiment.use_bfloat16` means on (platform names).
   BFLOAT16_PLATFORMS = ()
+  #: The Keras backend the engine runs under (names its checkpoint format
+  #: for `training/engine_switch`).
+  BACKEND = None
 
   def __init__(self, settings, print_fn=print):
     self.settings = settings
@@ -134,6 +137,16 @@ class Engine(abc.ABC):
     Raises:
       errors.CheckpointError: it cannot be read or does not fit the model.
     """
+
+  def adopt_keras_state(self, step):
+    """Takes the Keras variables as the state at `step`.
+
+    Called after `training/engine_switch` loaded the other engine's
+    checkpoint into `model` and `optimizer` (weights, batch-norm
+    statistics, momentum slots, `optimizer.iterations`). An engine whose
+    state is those variables has nothing to do.
+    """
+    del step
 
   @abc.abstractmethod
   def initialize_from(self, checkpoint, modules, prefix=None):

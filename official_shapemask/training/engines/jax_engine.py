@@ -83,6 +83,7 @@ class Engine(base.Engine):
   """`KERAS_BACKEND=jax`: see the module."""
 
   BFLOAT16_PLATFORMS = ("tpu", "gpu")
+  BACKEND = "jax"
 
   def __init__(self, settings, print_fn=print):
     super().__init__(settings, print_fn)
@@ -151,6 +152,10 @@ class Engine(base.Engine):
     state, self._step = self.manager.restore(step)
     self.state = self.train_step.place(state)
     return self._step
+
+  def adopt_keras_state(self, step):
+    self._step = step
+    self.state = self.train_step.state()
 
   def initialize_from(self, checkpoint, modules, prefix=None):
     """Fine-tuning init through TensorFlow's readers (`init_weights_tf`)."""

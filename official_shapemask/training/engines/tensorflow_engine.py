@@ -34,6 +34,7 @@ class Engine(base.Engine):
   """`KERAS_BACKEND=tensorflow` (the default): see the module."""
 
   BFLOAT16_PLATFORMS = ("tpu",)
+  BACKEND = "tensorflow"
 
   def __init__(self, settings, print_fn=print):
     super().__init__(settings, print_fn)
