@@ -25,20 +25,12 @@ from official_shapemask.training import controller
 from official_shapemask.training import gin_utils
 from official_shapemask.training import interrupt
 from official_shapemask.training import train_loop
+from tests.training import test_train_cli_jax as cli_jax
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT = 900
-SMALL = [  # A smaller model than tiny_cpu.gin's, for compile time.
-    "IMAGE_SIZE=64", "build_shapemask_model.backbone_width_multiplier=0.25",
-    "build_shapemask_model.fpn_num_filters=16",
-    "build_shapemask_model.head_num_convs=1",
-    "build_shapemask_model.head_num_filters=16",
-    "build_shapemask_model.num_downsample_channels=8",
-    "build_shapemask_model.mask_num_convs=1",
-    "build_shapemask_model.mask_num_filters=8",
-    "build_shapemask_model.pre_nms_num_boxes=100",
-    "build_shapemask_model.max_num_detections=20",
-]
+# test_train_cli_jax.py's smaller model (compile time), its own eval size.
+SMALL = [b for b in cli_jax.SMALL if "eval_samples" not in b]
 PROGRESS = re.compile(r"^step (\d+)/(\d+) total_loss=", re.M)
 
 
