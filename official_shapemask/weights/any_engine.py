@@ -61,6 +61,8 @@ STATE_FILE = "state.json"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 # Exit statuses of the converter subprocess, by what it raised.
+# Starts the converter subprocess's error line on its stderr.
+_ERROR_MARK = "shapemask-convert-error: "
 _EXIT_ERRORS = {2: errors.CheckpointError, 3: errors.CheckpointUnreadableError,
                 4: errors.CheckpointMismatchError}
 
@@ -227,6 +229,11 @@ def convert(ref, gin_config_text, out_dir, builder):
   if proc.returncode != 0:
     lines = [line for line in proc.stderr.strip().splitlines()
              if line.strip()] or [f"exit status {proc.returncode}"]
+    # The converter's own line, even when library output (TensorStore's
+    # late read errors, say) comes after it.
+    ours = [line[len(_ERROR_MARK):] for line in lines
+            if line.startswith(_ERROR_MARK)]
+    lines = ours or lines
     if proc.returncode in _EXIT_ERRORS:  # A line that names the checkpoint.
       raise _EXIT_ERRORS[proc.returncode](lines[-1])
     raise errors.CheckpointError(
@@ -454,12 +461,13 @@ def main(argv):
     _restore(ref, model, optimizer)
     write(model, optimizer, ref.step, out_dir, source=ref)
   except errors.CheckpointError as e:
-    print(" ".join(str(e).split()), file=sys.stderr)
+    print(_ERROR_MARK + " ".join(str(e).split()), file=sys.stderr)
     return next(code for code, kind in sorted(
         _EXIT_ERRORS.items(), reverse=True) if isinstance(e, kind))
   except (OSError, ValueError, ImportError, RuntimeError) as e:
     # `convert` names the checkpoint around this line.
-    print(" ".join(errors.first_line(e).split()), file=sys.stderr)
+    print(_ERROR_MARK + " ".join(errors.first_line(e).split()),
+          file=sys.stderr)
     return 1
   return 0
 

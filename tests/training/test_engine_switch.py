@@ -281,12 +281,19 @@ def test_the_state_after_a_switch_is_the_state_saved(switched, jax_side):
 
 # Two steps of the two engines from one state, on the same batches: the
 # engines' kernels round differently (test_tf1_training_parity.py: 2e-5
-# relative in the losses over the first steps). Measured here, per
-# variable |switched - resumed| / |resumed - before|: median 3e-6, at most
-# 4.4e-4; a JAX engine that zeroed the momentum slots it was handed: median
-# 0.6, at most 1.4, and 1.9% in the total loss.
+# relative in the losses over the first steps), and a randomly initialised
+# batch-norm network amplifies rounding in its early layers' updates (issue
+# 19: two correct batch norms differ by 0.4-4% in ResNet gradients). Since
+# issue 20 the JAX batch norm sums channels by reduction and TensorFlow's by
+# matmul: per variable |switched - resumed| / |resumed - before| then
+# reached 2.4% (stem and first shortcut kernels, CI clone) and 10% (stem,
+# one loaded run) where it was at most 4.4e-4 with one sum form. A JAX
+# engine that zeroed the momentum slots it was handed: median 0.6, at most
+# 1.4, and 1.9% in the total loss. So: the median ratio within 2%, every
+# variable within 25%.
 LOSS_RTOL, LOSS_ATOL = 1e-3, 1e-4  # The progress line prints 4 decimals.
-UPDATE_RTOL = 1e-2  # |switched - resumed| <= UPDATE_RTOL * |resumed - before|
+UPDATE_MEDIAN = 2e-2  # Median over variables of the ratio above.
+UPDATE_RTOL = 0.25  # |switched - resumed| <= UPDATE_RTOL * |resumed - before|
 UPDATE_ATOL = 1e-6  # Biases in front of a batch norm: rounding only.
 
 
@@ -314,6 +321,7 @@ def _assert_continues(switched_state, resumed, before, names):
   assert not bad, bad
   # Most variables move: a switched state equal to `before` would pass.
   assert len(ratios) > 0.5 * len(resumed)
+  assert float(np.median(ratios)) <= UPDATE_MEDIAN, sorted(ratios)[-10:]
 
 
 @pytest.mark.slow
